@@ -249,7 +249,11 @@ def _load_imagefolder(src: Path):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("MINILCM_CACHE", "data/cache"))
+    """$MINILCM_CACHE, else data/cache of the checkout the package runs from, else ~/.cache/minilcm."""
+    if os.environ.get("MINILCM_CACHE"):
+        return Path(os.environ["MINILCM_CACHE"])
+    repo = Path(__file__).resolve().parent.parent
+    return repo / "data" / "cache" if (repo / "pyproject.toml").exists() else Path.home() / ".cache" / "minilcm"
 
 
 def cifar10(split: str = "train", source: str | os.PathLike | None = None, root: str | os.PathLike = DEFAULT_ROOT,

@@ -2,7 +2,7 @@
 
 ``cifar_teacher()`` returns the pixel-space CIFAR-10 DDPM teacher of Chapters 1-4: the shipped checkpoint
 ``ddpm-cifar10`` when it exists, else a model trained here for as many steps as the profile allows
-(resuming from ``runs/cifar-ddpm`` when an earlier run left a checkpoint there).
+(resuming from ``runs/cifar-ddpm-<size>-<steps>`` when an earlier run of the same recipe left one there).
 """
 from __future__ import annotations
 
@@ -33,16 +33,17 @@ class CifarTeacherRecipe:
 
 
 def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool = True,
-                  ckpt_dir: str = "runs/cifar-ddpm", device=None, progress: bool = True):
+                  ckpt_dir: str | None = None, device=None, progress: bool = True):
     """(model, info): the EMA teacher in eval mode, and where it came from (shipped or trained here)."""
     if use_shipped and TEACHER_NAME in available():
         meta_model = cifar_unet(**_shipped_kwargs())
         meta = load_model(meta_model, TEACHER_NAME)
         return meta_model.eval().to(device or "cpu"), {"source": "shipped", **meta}
     recipe = recipe or CifarTeacherRecipe(
-        size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=20, cpu=400, gpu=20_000),
+        size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=20, cpu=200, gpu=20_000),
         batch_size=pick(fast=32, cpu=64, gpu=128), lr=pick(fast=1e-3, cpu=1e-3, gpu=2e-4),
         warmup_steps=pick(fast=0, cpu=50, gpu=1000), ema_decay=pick(fast=0.9, cpu=0.995, gpu=0.9999))
+    ckpt_dir = ckpt_dir or f"runs/cifar-ddpm-{recipe.size}-{recipe.steps}"  # resumes only the same recipe
     model = cifar_unet(recipe.size, num_classes=recipe.num_classes)
     loss = DenoisingLoss(Schedule(recipe.schedule), cond_drop=recipe.cond_drop, null_class=recipe.num_classes,
                          hflip=True)
