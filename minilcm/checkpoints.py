@@ -62,10 +62,18 @@ def unprefixed(tensors: dict, prefix: str) -> dict:
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def _architecture(cfg):
+    """A config without diffusers' private bookkeeping keys ("_use_default_values" is built from a set, so its
+    order changes from process to process); what remains describes the architecture."""
+    if isinstance(cfg, dict):
+        return {k: _architecture(v) for k, v in cfg.items() if not str(k).startswith("_")}
+    return cfg
+
+
 def load_into(model: torch.nn.Module, sd: dict, saved_config: dict | None, where: str) -> None:
     """Load a state dict, failing with a message that names both architectures when they differ."""
     mine = model_config(model)
-    if saved_config is not None and saved_config != mine:
+    if saved_config is not None and _architecture(saved_config) != _architecture(mine):
         raise CheckpointError(
             f"the checkpoint in {where} was written by a different architecture:\n"
             f"  checkpoint: {saved_config}\n  this model: {mine}\n"
