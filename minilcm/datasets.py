@@ -79,12 +79,15 @@ class GaussianMixture:
 
     def _component_logp(self, x, t=None, schedule=None, class_labels=None):
         x = x.double()
+        if t is not None:
+            t = torch.as_tensor(t, dtype=torch.float64)
+            if t.ndim and bool((t == t.flatten()[0]).all()):
+                t = t.flatten()[0]  # one time for the whole batch: invert K covariances, not B*K
         means, covs = self._marginal(t, schedule, x)
         diff = x[:, None, :] - means  # (B, K, d)
-        covs = covs.expand(x.shape[0], *covs.shape[-3:])  # (B, K, d, d)
-        prec = torch.linalg.inv(covs)
+        prec = torch.linalg.inv(covs).expand(x.shape[0], *covs.shape[-3:])  # (B, K, d, d), a view if shared
         maha = torch.einsum("bki,bkij,bkj->bk", diff, prec, diff)
-        logdet = torch.logdet(covs)
+        logdet = torch.logdet(covs).expand(x.shape[0], covs.shape[-3])  # (B, K)
         logw = self.weights.log().to(x.device)
         if class_labels is not None:
             keep = self.classes.to(x.device)[None, :] == torch.as_tensor(class_labels, device=x.device).reshape(-1, 1)

@@ -144,7 +144,7 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
     use_amp = cfg.amp and device.type == "cuda"
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
-               disable=not cfg.progress, leave=False)
+               disable=not cfg.progress, leave=False, mininterval=2.0)  # few redraws: notebooks stay small
     try:
         for step in bar:
             for g in opt.param_groups:
@@ -165,7 +165,7 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
                 loss_fn.after_step(model, step)
             losses.append(loss.item())
             if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
             if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
                 save(step + 1)
     except KeyboardInterrupt:
