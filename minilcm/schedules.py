@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 KINDS = ("linear", "scaled_linear", "cosine")
@@ -170,8 +171,9 @@ class Schedule:
             ratio = T // n
             return (torch.arange(0, n) * ratio).flip(0).double()
         if spacing == "trailing":
-            ratio = T / n
-            return torch.round(torch.arange(T, 0, -ratio)).double() - 1
+            # numpy, exactly as diffusers computes it: a float32 (or torch) arange rounds some k*T/n that
+            # land on .5 the other way (e.g. n = 48 gave 937 where diffusers has 936)
+            return torch.from_numpy(np.round(np.arange(T, 0, -T / n))).double() - 1
         if spacing == "linspace":
             return torch.linspace(T - 1, 0, n, dtype=torch.float64)
         if spacing == "lambda":

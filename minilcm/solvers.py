@@ -1,15 +1,74 @@
 """Training-free fast samplers for the probability-flow ODE: DDIM, DPM-Solver, DPM-Solver++.
 
 All follow the one sampler signature of ``minilcm.diffusion``:
-    sampler(model, x, schedule, timesteps, *, cond=None, generator=None, ...) -> Sample
+
+    sampler(model, x, schedule, timesteps, *, cond=None, generator=None, ...) -> Sample(x, nfe, trajectory)
+
+**Timesteps and the last step.** ``timesteps`` is the decreasing list of times t_0 > t_1 > ... > t_{N-1} at
+which the solver stands between steps. With ``denoise_to_zero=True`` (the default, and the convention of
+diffusers and of ``minilcm.diffusion.ddpm``) every sampler then takes one more, first-order step from
+t_{N-1} to clean data (t = -1, alpha_bar = 1, lambda = +inf): it returns the model's data prediction
+x0 = (x - sigma eps) / alpha at t_{N-1}. That is what diffusers' DDIMScheduler (set_alpha_to_one=True) and
+DPMSolverMultistepScheduler (final_sigmas_type="zero") do after their last timestep, so the same
+timesteps give the same samples. With ``denoise_to_zero=False`` the sampler integrates the ODE from t_0
+to t_{N-1} and stops there, as the DPM-Solver paper does (the name is the one of the reference
+implementation, ``DPM_Solver.sample(denoise_to_zero=...)``); that is how convergence orders are measured.
+
+NFE: ddim and dpm_solver_pp spend one evaluation per step, dpm_solver ``order`` per step; the step to
+clean data costs one.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .diffusion import alpha_bar_at
+from .diffusion import Sample, alpha_bar_at, check_timesteps, ddpm, model_eps
+from .schedules import Schedule
+
+CLEAN = -1.0  # the time "after" t = 0: alpha_bar = 1, sigma = 0, lambda = +inf
 
 
+# ---- shared plumbing ---------------------------------------------------------------------------
+def _steps(schedule: Schedule, timesteps, denoise_to_zero: bool) -> list[tuple[float, float]]:
+    """Consecutive (from, to) pairs of times; with denoise_to_zero a last pair (t_{N-1}, CLEAN)."""
+    ts = check_timesteps(schedule, timesteps)
+    ends = ts[1:] + ([CLEAN] if denoise_to_zero else [])
+    if not ends:
+        raise ValueError("with denoise_to_zero=False the timesteps must hold at least two times (start and end)")
+    return list(zip(ts, ends))
+
+
+class _Counted:
+    """The eps-model with an NFE counter: ``eps(x, t)`` calls ``model(x, t, **cond)`` once."""
+
+    def __init__(self, model, cond):
+        self.model, self.cond, self.nfe = model, cond, 0
+
+    def __call__(self, x, t):
+        self.nfe += 1
+        return model_eps(self.model, x, t, self.cond)
+
+
+def _alpha_sigma_lam(schedule: Schedule, t: float) -> tuple[float, float, float]:
+    """(alpha_t, sigma_t, lambda_t) as float64 numbers; t = CLEAN gives (1, 0, inf)."""
+    if t < 0:
+        return 1.0, 0.0, math.inf
+    tt = torch.tensor(float(t), dtype=torch.float64)
+    return schedule.alpha(tt).item(), schedule.sigma(tt).item(), schedule.lam(tt).item()
+
+
+def _alpha_sigma_of_lam(lam: float) -> tuple[float, float]:
+    """alpha and sigma from lambda alone: alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda)."""
+    return (1 / (1 + math.exp(-2 * lam))) ** 0.5, (1 / (1 + math.exp(2 * lam))) ** 0.5
+
+
+def _x0(x, alpha, sigma, eps):
+    """Data prediction x0 = (x - sigma eps) / alpha: the first-order step to clean data (h = +inf)."""
+    return (x - sigma * eps) / alpha
+
+
+# ---- DDIM ----------------------------------------------------------------------------------------
 def ddim_step(schedule, x: torch.Tensor, t: float, s: float, eps: torch.Tensor, eta: float = 0.0,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM update from time t to s < t (Song et al. 2021, arXiv 2010.02502, Eq. 12); s = -1 means clean data.
@@ -29,3 +88,193 @@ def ddim_step(schedule, x: torch.Tensor, t: float, s: float, eps: torch.Tensor, 
             raise ValueError("ddim_step with eta > 0 needs noise (a tensor shaped like x)")
         out = out + sig * noise
     return out
+
+
+@torch.no_grad()
+def ddim(model, x, schedule: Schedule, timesteps, *, eta: float = 0.0, cond=None, generator=None,
+         denoise_to_zero: bool = True, return_trajectory: bool = False) -> Sample:
+    """DDIM (Song et al. 2021, arXiv 2010.02502, Eq. 12) over any decreasing timesteps; one NFE per step.
+
+    eta = 0: deterministic, the Euler step of the PF-ODE written in x/alpha against sigma/alpha (Eq. 14),
+    identical to DPM-Solver-1. eta = 1: the DDPM posterior's noise level (equal to ``ddpm`` with the same
+    generator). Fresh noise z ~ N(0, I) is drawn only for steps that end at a noisy time.
+    This is diffusers' ``DDIMScheduler.step`` (clip_sample=False, set_alpha_to_one=True).
+    """
+    traj = [x] if return_trajectory else None
+    eps_fn = _Counted(model, cond)
+    for t, s in _steps(schedule, timesteps, denoise_to_zero):
+        eps = eps_fn(x, t)
+        noise = None
+        if eta > 0 and s >= 0:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = ddim_step(schedule, x, t, s, eps, eta=eta if s >= 0 else 0.0, noise=noise)
+        if return_trajectory:
+            traj.append(x)
+    return Sample(x, nfe=eps_fn.nfe, trajectory=traj)
+
+
+# ---- DPM-Solver (singlestep, noise prediction) ---------------------------------------------------
+# Lu et al. 2022, arXiv 2206.00927. In the paper's notation one step goes from s to t < s (s is the
+# noisier time), h = lambda_t - lambda_s > 0, and the exact solution of the PF-ODE is (Eq. 3.4)
+#     x_t = (alpha_t / alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps(x_lambda, lambda) dlambda
+# DPM-Solver-k Taylor-expands eps in lambda to order k-1 and integrates the exponential weights exactly.
+
+def _dpm_solver_1(eps_fn, schedule, x, s, t, eps_s):
+    """DPM-Solver-1, the first-order case: x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s. Equal to DDIM."""
+    a_s, _, l_s = _alpha_sigma_lam(schedule, s)
+    a_t, sg_t, l_t = _alpha_sigma_lam(schedule, t)
+    return (a_t / a_s) * x - sg_t * math.expm1(l_t - l_s) * eps_s
+
+
+def _dpm_solver_2(eps_fn, schedule, x, s, t, eps_s, r1=0.5):
+    """DPM-Solver-2 (Algorithm 1; Algorithm 4 for general r1): one intermediate point s1 at lambda_s + r1 h."""
+    a_s, _, l_s = _alpha_sigma_lam(schedule, s)
+    a_t, sg_t, l_t = _alpha_sigma_lam(schedule, t)
+    h = l_t - l_s
+    l_s1 = l_s + r1 * h
+    a_s1, sg_s1 = _alpha_sigma_of_lam(l_s1)
+    s1 = schedule.t_of_lam(l_s1).item()
+    u = (a_s1 / a_s) * x - sg_s1 * math.expm1(r1 * h) * eps_s
+    eps_s1 = eps_fn(u, s1)
+    return ((a_t / a_s) * x - sg_t * math.expm1(h) * eps_s
+            - sg_t / (2 * r1) * math.expm1(h) * (eps_s1 - eps_s))
+
+
+def _dpm_solver_3(eps_fn, schedule, x, s, t, eps_s, r1=1 / 3, r2=2 / 3):
+    """DPM-Solver-3 (Algorithm 2; Algorithm 5 for general r1, r2): intermediate points at lambda_s + r1 h, + r2 h."""
+    a_s, _, l_s = _alpha_sigma_lam(schedule, s)
+    a_t, sg_t, l_t = _alpha_sigma_lam(schedule, t)
+    h = l_t - l_s
+    l_s1, l_s2 = l_s + r1 * h, l_s + r2 * h
+    (a_s1, sg_s1), (a_s2, sg_s2) = _alpha_sigma_of_lam(l_s1), _alpha_sigma_of_lam(l_s2)
+    s1, s2 = schedule.t_of_lam(torch.tensor([l_s1, l_s2])).tolist()
+    u1 = (a_s1 / a_s) * x - sg_s1 * math.expm1(r1 * h) * eps_s
+    D1 = eps_fn(u1, s1) - eps_s
+    u2 = ((a_s2 / a_s) * x - sg_s2 * math.expm1(r2 * h) * eps_s
+          - sg_s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1) * D1)
+    D2 = eps_fn(u2, s2) - eps_s
+    return (a_t / a_s) * x - sg_t * math.expm1(h) * eps_s - sg_t / r2 * (math.expm1(h) / h - 1) * D2
+
+
+_DPM_SOLVER_STEPS = {1: _dpm_solver_1, 2: _dpm_solver_2, 3: _dpm_solver_3}
+
+
+@torch.no_grad()
+def dpm_solver(model, x, schedule: Schedule, timesteps, *, order: int = 2, cond=None, generator=None,
+               denoise_to_zero: bool = True, return_trajectory: bool = False) -> Sample:
+    """Singlestep DPM-Solver-``order`` (Lu et al. 2022, arXiv 2206.00927, Algorithms 1-2), order 1, 2 or 3.
+
+    Each step from s to t evaluates eps at s and at ``order - 1`` intermediate times found in lambda
+    (uniform fractions r1 = 1/2, or r1 = 1/3 and r2 = 2/3, of h = lambda_t - lambda_s; mapped back to
+    continuous time by ``schedule.t_of_lam``), so it costs ``order`` NFE and has local error O(h^{order+1}).
+    The step to clean data (``denoise_to_zero``) is first order: h is infinite there. Deterministic;
+    ``generator`` is accepted for the common signature and unused.
+    """
+    if order not in _DPM_SOLVER_STEPS:
+        raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}")
+    step = _DPM_SOLVER_STEPS[order]
+    traj = [x] if return_trajectory else None
+    eps_fn = _Counted(model, cond)
+    for s, t in _steps(schedule, timesteps, denoise_to_zero):
+        eps_s = eps_fn(x, s)
+        if t < 0:
+            a_s, sg_s, _ = _alpha_sigma_lam(schedule, s)
+            x = _x0(x, a_s, sg_s, eps_s)
+        else:
+            x = step(eps_fn, schedule, x, s, t, eps_s)
+        if return_trajectory:
+            traj.append(x)
+    return Sample(x, nfe=eps_fn.nfe, trajectory=traj)
+
+
+# ---- DPM-Solver++ (multistep, data prediction) ----------------------------------------------------
+@torch.no_grad()
+def dpm_solver_pp(model, x, schedule: Schedule, timesteps, *, cond=None, generator=None,
+                  denoise_to_zero: bool = True, return_trajectory: bool = False) -> Sample:
+    """DPM-Solver++(2M) (Lu et al. 2022b, arXiv 2211.01095, Algorithm 2): multistep, second order, one NFE per step.
+
+    It integrates the ODE written with the data prediction x0_theta = (x - sigma eps) / alpha:
+        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+    with h_i = lambda_{t_i} - lambda_{t_{i-1}}, r_i = h_{i-1} / h_i, and
+        D_1 = x0_0 (the first step is first order: no history yet),
+        D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}   (i >= 2),
+    the linear extrapolation of the two latest data predictions to the step's midpoint in lambda.
+    The step to clean data (``denoise_to_zero``) has h = +inf and returns the last data prediction,
+    as diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) does.
+    Deterministic; ``generator`` is accepted for the common signature and unused.
+    """
+    traj = [x] if return_trajectory else None
+    eps_fn = _Counted(model, cond)
+    x0_prev, h_prev = None, None
+    for s, t in _steps(schedule, timesteps, denoise_to_zero):
+        a_s, sg_s, l_s = _alpha_sigma_lam(schedule, s)
+        x0 = _x0(x, a_s, sg_s, eps_fn(x, s))
+        if t < 0:
+            x = x0
+        else:
+            a_t, sg_t, l_t = _alpha_sigma_lam(schedule, t)
+            h = l_t - l_s
+            D = x0
+            if x0_prev is not None:
+                r = h_prev / h
+                D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (sg_t / sg_s) * x - a_t * math.expm1(-h) * D
+            x0_prev, h_prev = x0, h
+        if return_trajectory:
+            traj.append(x)
+    return Sample(x, nfe=eps_fn.nfe, trajectory=traj)
+
+
+# ---- registry and NFE budgets --------------------------------------------------------------------
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm_solver": dpm_solver, "dpm_solver_pp": dpm_solver_pp}
+
+
+def get_sampler(name: str):
+    """The sampler function registered under ``name`` (see ``SAMPLERS``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]
+
+
+def nfe_per_step(sampler, **kwargs) -> int:
+    """Model evaluations one step of ``sampler`` (a function or a name) costs with these keyword arguments."""
+    sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    return kwargs.get("order", 2) if sampler is dpm_solver else 1
+
+
+def spaced_timesteps(schedule: Schedule, n: int, spacing: str = "lambda", t_max: float | None = None,
+                     t_min: float = 0.0) -> torch.Tensor:
+    """``n`` decreasing times from t_max (default T-1) to t_min, both included (float64).
+
+    lambda    uniform in the half log-SNR lambda (DPM-Solver's recommendation for small images)
+    linspace  uniform in time
+    leading / trailing: diffusers' integer grids, ``schedule.timesteps(n, spacing)`` (t_max, t_min unused)
+    """
+    if spacing in ("leading", "trailing"):
+        return schedule.timesteps(n, spacing)
+    t_max = float(schedule.T - 1) if t_max is None else float(t_max)
+    if n < 2 or not 0 <= t_min < t_max <= schedule.T - 1:
+        raise ValueError(f"need n >= 2 and 0 <= t_min < t_max <= {schedule.T - 1}; got n={n}, "
+                         f"t_min={t_min}, t_max={t_max}")
+    if spacing == "linspace":
+        return torch.linspace(t_max, t_min, n, dtype=torch.float64)
+    if spacing == "lambda":
+        ends = torch.tensor([t_max, t_min], dtype=torch.float64)
+        lam = schedule.lam_continuous(ends)
+        ts = schedule.t_of_lam(torch.linspace(lam[0].item(), lam[1].item(), n, dtype=torch.float64))
+        ts[0], ts[-1] = t_max, t_min  # exact ends (bisection is accurate to ~1e-13)
+        return ts
+    raise ValueError(f"unknown spacing {spacing!r}; choose lambda, linspace, leading or trailing")
+
+
+def timesteps_for_nfe(schedule: Schedule, nfe: int, sampler="ddim", *, spacing: str = "lambda",
+                      denoise_to_zero: bool = True, t_min: float = 0.0, **kwargs) -> torch.Tensor:
+    """The most timesteps whose run of ``sampler`` (with ``kwargs``) costs at most ``nfe`` evaluations.
+
+    k = NFE per step; with denoise_to_zero the run costs k (N - 1) + 1 for N timesteps, else k (N - 1).
+    """
+    k = nfe_per_step(sampler, **kwargs)
+    steps = (nfe - 1) // k if denoise_to_zero else nfe // k
+    if steps < 1:
+        raise ValueError(f"{nfe} NFE is not enough for one step of {k} evaluations plus the final denoising")
+    return spaced_timesteps(schedule, steps + 1, spacing, t_min=t_min)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 import numpy as np
 import torch
 
@@ -91,3 +92,39 @@ def loss_curve(losses, ax=None, smooth: int = 50, title="training loss"):
     ax.set_yscale("log")
     ax.set_title(title)
     return ax
+
+
+def error_vs_nfe(rows, key: str = "err_ref", ax=None, fit_min_nfe: int | None = None, title=None):
+    """Log-log plot of a benchmark's ``key`` against NFE, one line per solver (``minilcm.bench`` rows).
+
+    With ``fit_min_nfe`` each solver's fitted power law err ~ NFE^-p (``bench.convergence_order`` over
+    NFE >= fit_min_nfe) is drawn dashed over the whole NFE range and its measured order p is written in the legend.
+    Returns {solver: p} (empty without a fit) and the axes.
+    """
+    from .bench import convergence_order
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4))
+    orders = {}
+    for i, name in enumerate(dict.fromkeys(r.solver for r in rows)):
+        pts = [(r.nfe, getattr(r, key)) for r in rows if r.solver == name and getattr(r, key) is not None]
+        nfe, err = np.array(pts, dtype=float).T
+        label = name
+        if fit_min_nfe is not None and (nfe >= fit_min_nfe).sum() >= 2:
+            p = orders[name] = convergence_order(rows, name, min_nfe=fit_min_nfe, key=key)
+            tail = nfe >= fit_min_nfe
+            c = np.exp(np.mean(np.log(err[tail]) + p * np.log(nfe[tail])))  # least-squares intercept
+            ax.plot(nfe, c * nfe ** -p, "--", color=f"C{i}", lw=1.2, alpha=0.7, zorder=3)  # extended to all NFE
+            label = f"{name}: slope -{p:.2f}"
+        ax.plot(nfe, err, "o-", color=f"C{i}", ms=4, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="NFE (model evaluations)", ylabel=key)
+    lo, hi = min(r.nfe for r in rows), max(r.nfe for r in rows)
+    ax.set_xticks([n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if lo / 1.5 <= n <= hi * 1.5])
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # plain numbers: 5, 10, 20, 50
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return orders, ax
