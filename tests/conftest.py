@@ -8,6 +8,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests use tiny tensors (2-D points, (B, K, 2, 2) covariances, small UNets): one thread avoids the thread
+    pool's overhead, which is 10-50x on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

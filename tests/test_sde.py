@@ -19,14 +19,6 @@ GM = GaussianMixture()
 ORACLE = OracleEps(GM, S)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The oracle works on tiny (B, K, 2, 2) tensors: extra threads only add overhead (50x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def lambda_grid(n_steps: int, t_min: float = 0.0) -> torch.Tensor:
     """n_steps + 1 times from T-1 down to t_min, evenly spaced in lambda (any n, unlike Schedule.timesteps)."""

@@ -22,14 +22,6 @@ DIFFUSERS_BETAS = {"linear": {}, "scaled_linear": dict(beta_schedule="scaled_lin
                                                         beta_end=0.012)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids the thread pool's overhead (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class RandomUNetEps(nn.Module):
     """eps of N(0, I) data (sigma_t x) plus alpha_t times a small random diffusers UNet.
