@@ -3,9 +3,11 @@
 ``cifar_teacher()`` returns the pixel-space CIFAR-10 DDPM teacher of Chapters 1-4: the shipped checkpoint
 ``ddpm-cifar10`` when it exists, else a model trained here for as many steps as the profile allows
 (resuming from ``runs/cifar-ddpm-<size>-<steps>`` when an earlier run of the same recipe left one there).
+``cifar_cd_student()`` distils it into the Chapter 4 consistency model (``cd-cifar10`` once shipped).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from .checkpoints import available, load_model
@@ -61,3 +63,69 @@ def _shipped_kwargs():
     _, meta = load_checkpoint(resolve(TEACHER_NAME))
     cfg = meta["model_config"]
     return {"size": cfg["size"], "num_classes": cfg["num_classes"]}
+
+
+# ---- Chapter 4: consistency distillation of the CIFAR-10 teacher --------------------------------------
+CD_NAME = "cd-cifar10"  # the shipped student, when the checkpoints issue has trained it on a GPU
+
+
+@dataclass
+class CifarCDRecipe:
+    """Pixel-space consistency distillation of ``cifar_teacher()`` (Song et al. 2023, Sec. 6.1 / App. C: CD on
+    CIFAR-10 with N = 18, mu = 0.95, the Heun solver; we use iCT's pseudo-Huber instead of LPIPS, no network
+    needed). The student is the teacher's eps-UNet copied, wrapped with CMScalings(sigma_data)."""
+
+    N: int = 18
+    mu: float = 0.95
+    solver: str = "heun"             # "heun" (sde.heun_step, 2 NFE) or "ddim" (consistency.ddim_solver, 1 NFE)
+    distance: str = "pseudo_huber"   # or "l2"
+    sigma_data: float = 0.5
+    times_per_batch: int | None = 8  # distinct grid indices per batch (teacher calls per step); None: one per row
+    steps: int = 100_000
+    batch_size: int = 256
+    lr: float = 4e-4
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    amp: bool = False  # no bf16: x0 = (x - sigma eps) / alpha multiplies eps's rounding by 158 at t = 999
+
+
+def cifar_cd_student(recipe: CifarCDRecipe | None = None, *, teacher=None, use_shipped: bool = True,
+                     ckpt_dir: str | None = None, device=None, progress: bool = True):
+    """(student, info): a ConsistencyModel f(x, t) -> x0 for CIFAR-10 (EMA weights, eval mode), sampled with
+    ``consistency.cm_sample``. The shipped checkpoint ``cd-cifar10`` when it exists, else distilled here from
+    ``teacher`` (default ``cifar_teacher()``) for as many steps as the profile allows, through ``minilcm.train``.
+    Checkpoints go to ``ckpt_dir``, by default ``runs/cifar-cd-<teacher>-<steps>`` when the teacher is
+    ``cifar_teacher()``'s (a run resumes only the same recipe from the same teacher); a teacher passed in is
+    distilled without checkpoints unless ``ckpt_dir`` is given.
+    """
+    from .consistency import CMScalings, ConsistencyDistillation, ConsistencyModel, ddim_solver, l2, pseudo_huber
+    from .sde import heun_step
+
+    schedule = Schedule(CifarTeacherRecipe().schedule)
+    if use_shipped and CD_NAME in available():
+        from .checkpoints import load_checkpoint, resolve
+
+        cfg = load_checkpoint(resolve(CD_NAME))[1]["model_config"]
+        net = cifar_unet(cfg["net"]["size"], num_classes=cfg["net"]["num_classes"])
+        scaling = {k: v for k, v in cfg["scaling"].items() if k != "class"}
+        student = ConsistencyModel(net, Schedule(cfg["schedule"]), CMScalings(**scaling), cfg["t_min"])
+        meta = load_model(student, CD_NAME)
+        return student.eval().to(device or "cpu"), {"source": "shipped", **meta}
+    recipe = recipe or CifarCDRecipe(
+        steps=pick(fast=4, cpu=40, gpu=20_000), batch_size=pick(fast=8, cpu=32, gpu=256),
+        times_per_batch=pick(fast=2, cpu=4, gpu=8), lr=pick(fast=1e-4, cpu=1e-4, gpu=4e-4),
+        ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.9999))
+    if teacher is None:
+        teacher, t_info = cifar_teacher(device=device, progress=progress)
+        tag = "shipped" if t_info["source"] == "shipped" else f"{t_info['size']}-{t_info['steps']}"
+        ckpt_dir = ckpt_dir or f"runs/cifar-cd-{tag}-{recipe.steps}"
+    student = ConsistencyModel(copy.deepcopy(teacher).requires_grad_(True), schedule, CMScalings(recipe.sigma_data))
+    loss = ConsistencyDistillation(
+        teacher, student, N=recipe.N, mu=recipe.mu, solver={"heun": heun_step, "ddim": ddim_solver}[recipe.solver],
+        distance={"pseudo_huber": pseudo_huber, "l2": l2}[recipe.distance], times_per_batch=recipe.times_per_batch)
+    res = train(student, loss, cifar10("train"), TrainConfig(
+        steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
+        ema_decay=recipe.ema_decay, amp=recipe.amp, ckpt_dir=ckpt_dir,
+        ckpt_every=max(recipe.steps // 10, 50), device=device, progress=progress, desc="CIFAR-10 CD student"))
+    return res.ema.eval(), {"source": "trained here", "steps": recipe.steps, "recipe": recipe,
+                            "seconds": res.seconds, "losses": res.losses}
