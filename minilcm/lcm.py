@@ -1,0 +1,340 @@
+"""Latent consistency models: guided distillation with a w-conditioned student, and the LCM multistep sampler.
+
+Luo et al. 2023, "Latent Consistency Models" (arXiv 2310.04378). Reference implementations this module agrees
+with: diffusers' ``LCMScheduler`` (sampling) and ``examples/consistency_distillation/train_lcm_distill_sd_wds.py``
+(distillation). Time is VP time (DESIGN.md): t is the diffusers-style timestep, x_t = alpha_t x_0 + sigma_t eps.
+Nothing here knows about latents: the same code distils the 2-D MLP and a Stable-Diffusion UNet.
+
+    guidance_embedding(w, dim)                    the student's w input (diffusers' ``timestep_cond``) (B,) -> (B, dim)
+    guided_eps(teacher, x, t, cond, uncond, w)    eps_w = (1 + w) eps(x, t, c) - w eps(x, t, 0), one fused call
+    guided_ddim_step(teacher, x, schedule, t, s, cond, uncond, w)   the augmented PF-ODE solver step t -> s
+    lcm_student(teacher, schedule, w_dim)         the student: a copy of the teacher with a zero-initialised w input
+    LatentConsistencyDistillation(teacher, student, conditioning, k, w_min, w_max)   the LCD loss (Algorithm 1)
+    lcm_sample(model, x, schedule, timesteps, cond=, w=)   the multistep LCM sampler (Algorithm 3)
+
+**Conditioning.** ``cond`` is the dict of keyword arguments of the teacher, ``model(x, t, **cond)`` (DESIGN.md's
+one convention): ``{"class_labels": (B,)}`` for the 2-D MLP or a class UNet, ``{"encoder_hidden_states": (B, L, D)}``
+for a UNet2DConditionModel. ``uncond`` has the same keys holding the unconditional value: the null class, or the
+embedding of the empty prompt. A *conditioning* object turns a training batch into these dicts:
+
+    conditioning.split(batch) -> (x0, cond)       conditioning.null(cond) -> uncond
+
+``ClassConditioning(null_class)`` (batch = (x0, labels)) and ``TextConditioning(empty_embedding)`` (batch =
+(latents, encoder_hidden_states)) are the two the course uses; any object with these two methods works.
+The student is called with the teacher's ``cond`` plus ``timestep_cond = guidance_embedding(w)``.
+
+**The CFG convention.** The LCM paper's w (Sec. 4.2): eps_w = (1 + w) eps_cond - w eps_uncond, so w = 0 is the
+conditional model alone. diffusers' ``guidance_scale`` is w + 1 (``LatentConsistencyModelPipeline`` embeds
+``guidance_scale - 1``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .consistency import ConsistencyModel, LCMScalings, cm_sample, keep_out_of_state_dict, paired_forward, pseudo_huber
+from .diffusion import Sample, eps_to_x0, model_eps, q_sample
+from .schedules import Schedule, broadcast
+from .solvers import ddim_step
+from .train import ema_update
+
+
+# ---- the w input ----------------------------------------------------------------------------------
+def guidance_embedding(w, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale w (Luo et al. 2023, Sec. 4.2; VDM's timestep embedding).
+
+        u = 1000 w,   f_j = exp(-log(10000) j / (dim/2 - 1)),  j = 0 .. dim/2 - 1
+        emb = [sin(u f_0), ..., sin(u f_{dim/2-1}), cos(u f_0), ..., cos(u f_{dim/2-1})]   (zero-padded if dim is odd)
+
+    The function of diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` and of the
+    reference LCD script, which the UNet receives as ``timestep_cond`` (``time_cond_proj_dim`` = dim).
+    w: (B,) or scalar, in the LCM convention (w = guidance_scale - 1). Returns (B, dim) float32.
+    """
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)  # (B,)
+    half = dim // 2
+    # float32 in diffusers' order of operations: sin(1000 w f) of ~1e4 radians amplifies any rounding difference
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)  # (half,)
+    args = (1000.0 * w)[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([args.sin(), args.cos()], dim=1)  # (B, 2 half)
+    return nn.functional.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+def guidance_dim(net) -> int | None:
+    """The size of a network's guidance-embedding input (``time_cond_proj_dim`` in its ``config``), else None.
+
+    Our MLP and diffusers' models carry it in ``config``; a wrapper exposes its inner network's config."""
+    net = net.net if isinstance(net, ConsistencyModel) else net
+    cfg = getattr(net, "config", None)
+    return cfg.get("time_cond_proj_dim") if cfg is not None else None
+
+
+# ---- conditioning: batch -> (x0, cond), cond -> uncond ---------------------------------------------
+@dataclass
+class ClassConditioning:
+    """Class labels as the condition, the null class as the unconditional one. batch = (x0, labels (B,))."""
+
+    null_class: int
+    key: str = "class_labels"
+
+    def split(self, batch):
+        x0, labels = batch
+        return x0, {self.key: labels}
+
+    def null(self, cond: dict) -> dict:
+        return {**cond, self.key: torch.full_like(cond[self.key], self.null_class)}
+
+
+class TextConditioning(nn.Module):
+    """Text embeddings as the condition, the empty prompt's embedding as the unconditional one.
+
+    batch = (latents (B, C, H, W), encoder_hidden_states (B, L, D)); ``empty`` is the text encoder's output for ""
+    ((L, D) or (1, L, D)), kept as a buffer so that it follows the loss to the training device.
+    """
+
+    def __init__(self, empty: torch.Tensor, key: str = "encoder_hidden_states"):
+        super().__init__()
+        self.key = key
+        self.register_buffer("empty", empty.reshape(1, *empty.shape[-2:]).detach().clone())  # (1, L, D)
+
+    def split(self, batch):
+        x0, ehs = batch
+        return x0, {self.key: ehs}
+
+    def null(self, cond: dict) -> dict:
+        ehs = cond[self.key]
+        return {**cond, self.key: self.empty.to(ehs).expand_as(ehs)}
+
+
+# ---- classifier-free guidance inside the solver: the augmented PF-ODE -------------------------------
+def _batch_cat(a, b, name: str):
+    """Stack the cond and uncond values of one keyword along the batch (an uncond of batch 1 is broadcast)."""
+    if not (torch.is_tensor(a) and torch.is_tensor(b)):
+        raise TypeError(f"cond[{name!r}] and uncond[{name!r}] must both be tensors with a batch dimension "
+                        f"(got {type(a).__name__} and {type(b).__name__}); e.g. pass the null class explicitly")
+    if b.shape[0] == 1 and a.shape[0] > 1:
+        b = b.expand(a.shape[0], *b.shape[1:])
+    if a.shape != b.shape:
+        raise ValueError(f"cond[{name!r}] {tuple(a.shape)} and uncond[{name!r}] {tuple(b.shape)} differ in shape")
+    return torch.cat([a, b.to(a.dtype)])
+
+
+def guided_eps(teacher: Callable, x: torch.Tensor, t, cond: dict, uncond: dict, w) -> torch.Tensor:
+    """Classifier-free guidance in the LCM convention (Luo et al. 2023, Sec. 4.2; Ho & Salimans 2022):
+
+        eps_w(x, t; c) = (1 + w) eps(x, t, c) - w eps(x, t, 0)
+
+    The conditional and unconditional evaluations run as ONE batched call of ``teacher`` (x, t and every cond
+    value are concatenated along the batch: [cond rows; uncond rows]). x: (B, ...); t, w: scalars or (B,);
+    ``cond``/``uncond``: the teacher's keyword arguments (same keys, see the module docstring). -> (B, ...).
+    """
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    B = x.shape[0]
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    t2 = t.expand(B).repeat(2) if t.ndim == 0 else torch.cat([t, t])  # (2B,)
+    both = {k: _batch_cat(cond[k], uncond[k], k) for k in cond}
+    eps_c, eps_u = model_eps(teacher, torch.cat([x, x]), t2, both).chunk(2)  # (B, ...) each
+    w = broadcast(torch.as_tensor(w), x)
+    return (1 + w) * eps_c - w * eps_u
+
+
+def guided_ddim_step(teacher: Callable, x: torch.Tensor, schedule: Schedule, t, s, cond: dict, uncond: dict,
+                     w) -> torch.Tensor:
+    """One step of the augmented PF-ODE solver Psi(x_t, t, s, c; w) (Luo et al. 2023, Sec. 4.2, Algorithm 1):
+    the deterministic DDIM step (``solvers.ddim_step``, eta = 0) driven by the guided eps_w of ``guided_eps``,
+
+        x0_w = (x_t - sigma_t eps_w) / alpha_t,      x_s = alpha_s x0_w + sigma_s eps_w
+
+    which is the reference script's ``DDIMSolver.ddim_step(pred_x0, pred_noise)`` on the CFG-combined x0 and eps
+    (x0 is linear in eps, so combining either gives the same step). t, s: scalars (s = -1 means clean data), or
+    (B,) per-row times in [0, T-1] (as in LCD, where each row sits at its own t_{n+k}): the same step written as
+    "re-noise x0_w with its own eps_w", q_sample(x0_w, s, eps_w). One teacher call of batch 2B.
+    """
+    eps_w = guided_eps(teacher, x, t, cond, uncond, w)  # (B, ...)
+    t, s = torch.as_tensor(t, dtype=torch.float64).cpu(), torch.as_tensor(s, dtype=torch.float64).cpu()
+    if t.ndim == 0 and s.ndim == 0:
+        return ddim_step(schedule, x, t.item(), s.item(), eps_w)
+    B = x.shape[0]
+    return q_sample(schedule, eps_to_x0(schedule, x, t.expand(B), eps_w), s.expand(B), eps_w)
+
+
+class GuidedEps(nn.Module):
+    """The teacher under CFG as a plain eps-model: ``GuidedEps(teacher, conditioning, w)(x, t, **cond) = eps_w``.
+
+    So every sampler of ``minilcm.solvers`` samples the guided teacher (the augmented PF-ODE); each of its model
+    evaluations is one batched call of 2B rows.
+    """
+
+    def __init__(self, teacher: nn.Module, conditioning, w: float):
+        super().__init__()
+        self.teacher, self.conditioning, self.w = teacher, conditioning, w
+
+    def forward(self, x, t, **cond):
+        return guided_eps(self.teacher, x, t, cond, self.conditioning.null(cond), self.w)
+
+
+# ---- the student -----------------------------------------------------------------------------------
+def with_guidance_input(teacher: nn.Module, w_dim: int) -> nn.Module:
+    """A copy of ``teacher`` that also takes ``timestep_cond`` = guidance_embedding(w) (B, w_dim).
+
+    The teacher's weights are copied; the new projection (``cond_proj``, as in diffusers' TimestepEmbedding) starts
+    at ZERO, so the copy computes exactly the teacher's eps for every w until training moves it (the reference
+    script initialises that layer at random). A teacher that already has a guidance input is deep-copied.
+    Works for ``MLPDenoiser`` and for diffusers models with ``time_cond_proj_dim`` (``UNet2DConditionModel``).
+    """
+    from .models.mlp import MLPDenoiser
+
+    if guidance_dim(teacher) is not None:
+        return copy.deepcopy(teacher)
+    if isinstance(teacher, MLPDenoiser):
+        net = MLPDenoiser(**teacher.config, time_cond_proj_dim=w_dim)
+    elif hasattr(type(teacher), "from_config") and "time_cond_proj_dim" in getattr(teacher, "config", {}):
+        net = type(teacher).from_config(teacher.config, time_cond_proj_dim=w_dim)
+    else:
+        raise TypeError(f"cannot add a guidance (w) input to a {type(teacher).__name__}: use an MLPDenoiser or a "
+                        "diffusers UNet2DConditionModel, or build the student yourself with a `timestep_cond` input")
+    missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or not all("cond_proj" in k for k in missing):
+        raise RuntimeError(f"the teacher's weights do not fit the student: missing {missing}, unexpected {unexpected}")
+    p, q = next(teacher.parameters(), None), next(net.parameters())
+    if p is not None and (p.device, p.dtype) != (q.device, q.dtype):
+        net = net.to(device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name in missing:
+                param.zero_()
+    return net
+
+
+def lcm_student(teacher: nn.Module, schedule: Schedule, w_dim: int = 256,
+                scaling: LCMScalings | None = None) -> ConsistencyModel:
+    """The LCD student f_theta(x, t, w, c) (Luo et al. 2023, Sec. 4.2): the teacher copied, a w input added
+    (``with_guidance_input``), wrapped with the LCM boundary scalings (``consistency.LCMScalings``).
+
+    At initialisation f_theta(x, t, w, c) = c_skip(t) x + c_out(t) x0_teacher(x, t, c) for every w.
+    """
+    return ConsistencyModel(with_guidance_input(teacher, w_dim), schedule, scaling or LCMScalings())
+
+
+# ---- latent consistency distillation ---------------------------------------------------------------
+def skipping_timesteps(schedule: Schedule, k: int) -> torch.Tensor:
+    """The LCD grid with skipping step k: t = k - 1, 2k - 1, ..., N k - 1 with N = T // k (float64, increasing).
+
+    The reference script's ``DDIMSolver.ddim_timesteps`` (N = ``num_ddim_timesteps`` = T / k) and the grid
+    ``LCMScheduler`` samples from (k = T // original_inference_steps). Each t_{n+k} on it steps to t_n = t_{n+k} - k,
+    and the lowest one to t = 0 (clamped, as the script does).
+    """
+    if not 1 <= k <= schedule.T:
+        raise ValueError(f"the skipping step k must be in 1..{schedule.T}, got {k}")
+    return torch.arange(1, schedule.T // k + 1, dtype=torch.float64) * k - 1
+
+
+class LatentConsistencyDistillation(nn.Module):
+    """The LCD loss (Luo et al. 2023, Sec. 4.2-4.3, Algorithm 1), a callable for ``minilcm.train``.
+
+    For a batch (x0, c) (``conditioning.split``), per row:
+        1. t_{n+k} ~ U(skipping_timesteps(k)),  t_n = max(t_{n+k} - k, 0)   (the skipping step k, Sec. 4.3)
+           w ~ U[w_min, w_max],  z ~ N(0, I)        (drawn in this order from ``generator``: index, w, z)
+        2. x_{n+k} = alpha x0 + sigma z at t_{n+k}                                  (q_sample)
+        3. x_hat_n = guided_ddim_step(teacher, x_{n+k}, t_{n+k} -> t_n, c, 0, w)   (augmented PF-ODE over k steps)
+        4. L = d(f_theta(x_{n+k}, t_{n+k}, w, c), f_theta-(x_hat_n, t_n, w, c))      (d = pseudo-Huber or l2)
+    and after every optimizer step theta- <- mu theta- + (1 - mu) theta (``after_step``; LCM uses mu = 0.95).
+
+    ``student``: the online ConsistencyModel (``lcm_student`` makes it from the teacher); the target starts as a
+    copy of it. The student sees ``timestep_cond = guidance_embedding(w)`` on top of the teacher's ``cond``.
+    ``conditioning``: ``ClassConditioning`` / ``TextConditioning`` / any object with ``split`` and ``null``;
+    default ``ClassConditioning(teacher.null_class)``. The teacher is frozen, in eval mode, and left OUT of
+    ``state_dict`` (checkpoints hold the target and the conditioning's buffers, never the teacher's weights).
+
+    Defaults are the reference script's: k = 20 (50 DDIM timesteps), mu = 0.95, [w_min, w_max] = [5, 15] applied
+    as the LCM-convention w above (the script's code does so, though its help text calls them Imagen scales),
+    and ``lcm_student``'s w_dim = 256. The distance defaults to ``consistency.pseudo_huber`` (per-sample norm, iCT's
+    c); the script's "huber" is the elementwise sqrt((a - b)^2 + c^2) - c with c = 0.001, its default is l2.
+    """
+
+    def __init__(self, teacher: nn.Module, student: ConsistencyModel, conditioning=None, *, k: int = 20,
+                 w_min: float = 5.0, w_max: float = 15.0, mu: float = 0.95, distance: Callable = pseudo_huber):
+        super().__init__()
+        if conditioning is None:
+            if getattr(teacher, "null_class", None) is None:
+                raise ValueError("pass a conditioning (ClassConditioning / TextConditioning): the teacher has no "
+                                 "null_class to build the unconditional input from")
+            conditioning = ClassConditioning(teacher.null_class)
+        if not 0 <= w_min <= w_max:
+            raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
+        self.w_dim = guidance_dim(student)
+        if self.w_dim is None:
+            raise ValueError("the student has no guidance input (time_cond_proj_dim): build it with lcm_student")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.conditioning, self.schedule = conditioning, student.schedule
+        self.k, self.w_min, self.w_max, self.mu, self.distance = k, w_min, w_max, mu, distance
+        self.register_buffer("timesteps", skipping_timesteps(self.schedule, k))  # (N,) the t_{n+k}
+        keep_out_of_state_dict(self, "teacher")  # checkpoints hold the target, not the frozen teacher
+
+    def sample_w(self, B: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """w ~ U[w_min, w_max], (B,) float32 on the CPU."""
+        return self.w_min + (self.w_max - self.w_min) * torch.rand(B, generator=generator)
+
+    def forward(self, model: ConsistencyModel, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0, cond = self.conditioning.split(batch)
+        uncond = self.conditioning.null(cond)
+        B, device = x0.shape[0], x0.device
+        ts = self.timesteps.cpu()
+        t_nk = ts[torch.randint(0, len(ts), (B,), generator=generator)]  # (B,) float64
+        t_n = (t_nk - self.k).clamp(min=0)
+        w = self.sample_w(B, generator)  # (B,)
+        z = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
+        x_nk = q_sample(self.schedule, x0, t_nk, z)
+        self.teacher.eval()
+        with torch.no_grad():
+            x_hat_n = guided_ddim_step(self.teacher, x_nk, self.schedule, t_nk, t_n, cond, uncond, w.to(device))
+        student_cond = {**cond, "timestep_cond": guidance_embedding(w, self.w_dim).to(device=device, dtype=x0.dtype)}
+        online, target = paired_forward(model, self.target, x_nk, t_nk.to(device), x_hat_n, t_n.to(device),
+                                        student_cond)
+        return self.distance(online, target).mean()
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Algorithm 1, last line)."""
+        ema_update(self.target, model, self.mu)
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def lcm_timesteps(schedule: Schedule, n: int, original_steps: int = 50) -> torch.Tensor:
+    """The n timesteps of ``LCMScheduler.set_timesteps(n)`` (float64, decreasing): n indices evenly spaced (floored)
+    over the skipping grid with k = T // original_steps, read from its noisiest end (999, ...)."""
+    grid = skipping_timesteps(schedule, schedule.T // original_steps).flip(0)  # (N,) decreasing
+    if not 1 <= n <= len(grid):
+        raise ValueError(f"n must be in 1..{len(grid)} (original_steps={original_steps}), got {n}")
+    return grid[torch.floor(torch.arange(n, dtype=torch.float64) * len(grid) / n).long()]
+
+
+@torch.no_grad()
+def lcm_sample(model, x, schedule: Schedule, timesteps, *, cond=None, w=None, generator=None,
+               return_trajectory: bool = False) -> Sample:
+    """Multistep latent consistency sampling (Luo et al. 2023, Algorithm 3 = diffusers' ``LCMScheduler.step``):
+
+        x0 = f(x, tau_1, w, c)                                              (x: noise at the first timestep)
+        for tau in timesteps[1:]:  x_tau = alpha_tau x0 + sigma_tau z,  z ~ N(0, I);   x0 = f(x_tau, tau, w, c)
+
+    i.e. ``consistency.cm_sample`` with the student's w input. ``model`` is a ConsistencyModel (the LCD student) or
+    a raw eps-model, which is wrapped with ``LCMScalings`` as LCMScheduler does. ``w`` (scalar or (B,), LCM
+    convention) becomes ``timestep_cond = guidance_embedding(w)``; CFG costs nothing here: NFE = len(timesteps).
+    Noise is drawn as ``torch.randn(x.shape, generator=generator)``, the draw LCMScheduler makes on the CPU.
+    """
+    if not isinstance(model, ConsistencyModel):
+        model = ConsistencyModel(model, schedule, LCMScalings())
+    cond = dict(cond or {})
+    if w is not None:
+        dim = guidance_dim(model)
+        if dim is None:
+            raise ValueError("w was given but the model has no guidance input (time_cond_proj_dim)")
+        w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        cond["timestep_cond"] = guidance_embedding(w, dim).to(device=x.device, dtype=x.dtype)
+    return cm_sample(model, x, schedule, timesteps, cond=cond, generator=generator,
+                     return_trajectory=return_trajectory)
