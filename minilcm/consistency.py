@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .checkpoints import model_config
-from .diffusion import Sample, check_timesteps, eps_to_x0, model_eps, q_sample
+from .diffusion import Sample, check_timesteps, eps_to_x0, model_eps, q_sample, split_batch
 from .schedules import Schedule, broadcast
 from .solvers import ddim_step
 from .train import ema_update
@@ -57,11 +57,6 @@ def keep_out_of_state_dict(module: nn.Module, name: str) -> None:
     # torch < 2.5 has only the private name of the state_dict post-hook
     (getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook)(drop)
     module.register_load_state_dict_post_hook(not_missing)
-
-
-def _split(batch):
-    """A batch is x0 or (x0, labels)."""
-    return batch if isinstance(batch, (tuple, list)) else (batch, None)
 
 
 # ---- the boundary-condition scalings -------------------------------------------------------------
@@ -182,7 +177,7 @@ class TeacherRegression:
     schedule: Schedule
 
     def __call__(self, model, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0, _ = _split(batch)
+        x0, _ = split_batch(batch)
         t = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64) * (self.schedule.T - 1)
         z = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t, z)
@@ -332,7 +327,7 @@ class ConsistencyDistillation(nn.Module):
         keep_out_of_state_dict(self, "teacher")  # checkpoints hold the target, not the frozen teacher
 
     def forward(self, model: ConsistencyModel, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0, labels = _split(batch)
+        x0, labels = split_batch(batch)
         B, device = x0.shape[0], x0.device
         cond = {"class_labels": labels} if (self.use_labels and labels is not None) else {}
         ts = self.timesteps.cpu()
@@ -415,7 +410,7 @@ class ConsistencyTraining(nn.Module):
         return self._grids[N]
 
     def forward(self, model: ConsistencyModel, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0, _ = _split(batch)
+        x0, _ = split_batch(batch)
         B, device = x0.shape[0], x0.device
         N = ict_discretisation(int(self.k), self.total_steps, self.s0, self.s1)
         ts = self.grid(N)

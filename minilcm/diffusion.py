@@ -62,6 +62,11 @@ def score_to_eps(schedule, x_t, t, score):
 
 
 # ---- the training objective -----------------------------------------------------------------
+def split_batch(batch):
+    """A training batch is ``x0`` or ``(x0, labels)``: returns (x0, labels or None)."""
+    return batch if isinstance(batch, (tuple, list)) else (batch, None)
+
+
 @dataclass
 class DenoisingLoss:
     """The simple DDPM loss (Ho et al. 2020, Eq. 14) and its x0- and v-prediction variants.
@@ -88,7 +93,7 @@ class DenoisingLoss:
             raise ValueError("cond_drop > 0 needs null_class (the label index that means 'no class')")
 
     def __call__(self, model, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0, labels = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+        x0, labels = split_batch(batch)
         device = x0.device
         B = x0.shape[0]
         if self.hflip:

@@ -156,33 +156,40 @@ class Schedule:
         return 0.5 * (la - torch.log(-torch.expm1(la)))
 
     # ---- timesteps for samplers ----------------------------------------------------------------
-    def timesteps(self, n: int, spacing: str = "leading") -> torch.Tensor:
+    def timesteps(self, n: int, spacing: str = "leading", t_max: float | None = None,
+                  t_min: float = 0.0) -> torch.Tensor:
         """``n`` decreasing timesteps for a sampler (float64).
 
         leading   diffusers' default: 0, T/n, 2T/n, ...   reversed  (integers)
         trailing  diffusers' "trailing": T-1, T-1-T/n, ... (integers; starts at the noisiest step)
-        linspace  evenly spaced in continuous time from T-1 to 0 (inclusive)
-        lambda    evenly spaced in log-SNR lambda from T-1 to 0 (continuous t)
+        linspace  evenly spaced in continuous time from t_max (default T-1) to t_min (default 0), both included
+        lambda    evenly spaced in log-SNR lambda from t_max to t_min (continuous t)
+
+        The integer grids have at most T entries; the continuous ones take any n (e.g. fine reference grids).
         """
-        if n < 1 or n > self.T:
-            raise ValueError(f"number of steps must be in 1..{self.T}, got {n}")
         T = self.T
-        if spacing == "leading":
-            ratio = T // n
-            return (torch.arange(0, n) * ratio).flip(0).double()
-        if spacing == "trailing":
+        if spacing in ("leading", "trailing"):
+            if t_max is not None or t_min != 0.0:
+                raise ValueError(f"{spacing} is diffusers' integer grid over the whole schedule: t_max and t_min "
+                                 "apply to the linspace and lambda spacings only")
+            if n < 1 or n > T:
+                raise ValueError(f"number of steps must be in 1..{T}, got {n}")
+            if spacing == "leading":
+                return (torch.arange(0, n) * (T // n)).flip(0).double()
             # numpy, exactly as diffusers computes it: a float32 (or torch) arange rounds some k*T/n that
             # land on .5 the other way (e.g. n = 48 gave 937 where diffusers has 936)
             return torch.from_numpy(np.round(np.arange(T, 0, -T / n))).double() - 1
+        if spacing not in ("linspace", "lambda"):
+            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace or lambda")
+        t_max = float(T - 1) if t_max is None else float(t_max)
+        if n < 1 or not 0 <= t_min < t_max <= T - 1:
+            raise ValueError(f"need n >= 1 and 0 <= t_min < t_max <= {T - 1}; got n={n}, t_min={t_min}, t_max={t_max}")
         if spacing == "linspace":
-            return torch.linspace(T - 1, 0, n, dtype=torch.float64)
-        if spacing == "lambda":
-            lams = torch.linspace(self.lam(torch.tensor(float(T - 1))).item(), self.lam(torch.tensor(0.0)).item(), n,
-                                  dtype=torch.float64)
-            ts = self.t_of_lam(lams)
-            ts[0], ts[-1] = T - 1, 0.0
-            return ts
-        raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace or lambda")
+            return torch.linspace(t_max, t_min, n, dtype=torch.float64)
+        lam = self.lam_continuous(torch.tensor([t_max, t_min], dtype=torch.float64))
+        ts = self.t_of_lam(torch.linspace(lam[0].item(), lam[1].item(), n, dtype=torch.float64))
+        ts[0], ts[-1] = t_max, t_min  # exact ends (the bisection is accurate to ~1e-13)
+        return ts
 
 
 def broadcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -244,27 +244,19 @@ def nfe_per_step(sampler, **kwargs) -> int:
 
 def spaced_timesteps(schedule: Schedule, n: int, spacing: str = "lambda", t_max: float | None = None,
                      t_min: float = 0.0) -> torch.Tensor:
-    """``n`` decreasing times from t_max (default T-1) to t_min, both included (float64).
+    """``n`` >= 2 decreasing times from t_max (default T-1) to t_min, both included (float64): a solver's grid.
 
-    lambda    uniform in the half log-SNR lambda (DPM-Solver's recommendation for small images)
-    linspace  uniform in time
-    leading / trailing: diffusers' integer grids, ``schedule.timesteps(n, spacing)`` (t_max, t_min unused)
+    lambda (the default here: DPM-Solver's recommendation for small images) and linspace are
+    ``schedule.timesteps(n, spacing, t_max, t_min)``; leading / trailing are diffusers' integer grids over the whole
+    schedule, ``schedule.timesteps(n, spacing)`` (t_max and t_min unused).
     """
     if spacing in ("leading", "trailing"):
         return schedule.timesteps(n, spacing)
-    t_max = float(schedule.T - 1) if t_max is None else float(t_max)
-    if n < 2 or not 0 <= t_min < t_max <= schedule.T - 1:
-        raise ValueError(f"need n >= 2 and 0 <= t_min < t_max <= {schedule.T - 1}; got n={n}, "
-                         f"t_min={t_min}, t_max={t_max}")
-    if spacing == "linspace":
-        return torch.linspace(t_max, t_min, n, dtype=torch.float64)
-    if spacing == "lambda":
-        ends = torch.tensor([t_max, t_min], dtype=torch.float64)
-        lam = schedule.lam_continuous(ends)
-        ts = schedule.t_of_lam(torch.linspace(lam[0].item(), lam[1].item(), n, dtype=torch.float64))
-        ts[0], ts[-1] = t_max, t_min  # exact ends (bisection is accurate to ~1e-13)
-        return ts
-    raise ValueError(f"unknown spacing {spacing!r}; choose lambda, linspace, leading or trailing")
+    if n < 2:
+        raise ValueError(f"a solver grid needs n >= 2 times (start and end), got n={n}")
+    if spacing not in ("linspace", "lambda"):
+        raise ValueError(f"unknown spacing {spacing!r}; choose lambda, linspace, leading or trailing")
+    return schedule.timesteps(n, spacing, t_max=t_max, t_min=t_min)
 
 
 def timesteps_for_nfe(schedule: Schedule, nfe: int, sampler="ddim", *, spacing: str = "lambda",

@@ -21,11 +21,8 @@ ORACLE = OracleEps(GM, S)
 
 
 def lambda_grid(n_steps: int, t_min: float = 0.0) -> torch.Tensor:
-    """n_steps + 1 times from T-1 down to t_min, evenly spaced in lambda (any n, unlike Schedule.timesteps)."""
-    lo, hi = S.lam(torch.tensor(float(S.T - 1))).item(), S.lam_continuous(torch.tensor(t_min)).item()
-    ts = S.t_of_lam(torch.linspace(lo, hi, n_steps + 1, dtype=torch.float64))
-    ts[0], ts[-1] = S.T - 1, t_min
-    return ts
+    """n_steps + 1 times from T-1 down to t_min, evenly spaced in lambda."""
+    return S.timesteps(n_steps + 1, "lambda", t_min=t_min)
 
 
 class CountingModel(torch.nn.Module):
