@@ -48,3 +48,26 @@ def noise_floor(sampler, n: int, metric=sliced_wasserstein, seed: int = 123) -> 
     a, b = sampler(n, g), sampler(n, g)
     a, b = (x[0] if isinstance(x, (tuple, list)) else x for x in (a, b))
     return metric(a, b)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The Fréchet distance between N(mu1, Sigma1) and N(mu2, Sigma2) (Dowson & Landau 1982; FID, Heusel et al.
+    2017, Eq. 6):
+
+        d^2 = |mu1 - mu2|^2 + tr(Sigma1 + Sigma2 - 2 (Sigma1^1/2 Sigma2 Sigma1^1/2)^1/2)
+
+    The trace of the matrix square root is computed from the eigenvalues of the symmetric PSD matrix
+    Sigma1^1/2 Sigma2 Sigma1^1/2, which is stabler than scipy's sqrtm of the non-symmetric Sigma1 Sigma2.
+    """
+    import numpy as np
+
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, Sigma {s1.shape} vs {s2.shape}")
+    ev, V = np.linalg.eigh((s1 + s1.T) / 2)
+    r1 = (V * np.sqrt(ev.clip(min=0))) @ V.T  # Sigma1^1/2
+    m = r1 @ s2 @ r1
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    d2 = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    return float(max(d2, 0.0))
