@@ -113,7 +113,7 @@ def resolve(name_or_path) -> Path:
     p = Path(name_or_path)
     if p.exists():
         return p
-    shipped = SHIPPED_DIR / str(name_or_path)
+    shipped = shipped_dir() / str(name_or_path)
     if shipped.exists():
         return shipped
     names = ", ".join(sorted(available())) or "none yet"
@@ -121,8 +121,15 @@ def resolve(name_or_path) -> Path:
                           "Train one with the course's recipe or pass a folder path.")
 
 
+def shipped_dir() -> Path:
+    """Where shipped checkpoints are looked up by name: $MINILCM_CHECKPOINTS, else data/checkpoints of the repo."""
+    return Path(os.environ.get("MINILCM_CHECKPOINTS") or SHIPPED_DIR)
+
+
 def available() -> list[str]:
-    """Names of the checkpoints shipped under data/checkpoints/."""
-    if not SHIPPED_DIR.exists():
+    """Names of the checkpoints shipped under data/checkpoints/ (pipeline folders included)."""
+    d = shipped_dir()
+    if not d.exists():
         return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / STATE).exists())
+    return sorted(p.name for p in d.iterdir()
+                  if (p / STATE).exists() or (p / "model_index.json").exists() or (p / "unet").is_dir())

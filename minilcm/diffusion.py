@@ -85,15 +85,21 @@ class DenoisingLoss:
     cond_drop: float = 0.0
     null_class: int | None = None
     hflip: bool = False  # random horizontal flips: data augmentation for images
+    conditioning: object = None  # e.g. lcm.TextConditioning: batch -> (x0, cond), cond -> uncond (dropped rows)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.cond_drop > 0 and self.null_class is None:
+        if self.cond_drop > 0 and self.null_class is None and self.conditioning is None:
             raise ValueError("cond_drop > 0 needs null_class (the label index that means 'no class')")
 
     def __call__(self, model, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0, labels = split_batch(batch)
+        if self.conditioning is not None:
+            x0, cond = self.conditioning.split(batch)
+            labels = None
+        else:
+            x0, labels = split_batch(batch)
+            cond = {}
         device = x0.device
         B = x0.shape[0]
         if self.hflip:
@@ -102,13 +108,17 @@ class DenoisingLoss:
         t = torch.randint(0, self.schedule.T, (B,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t, eps)
-        cond = {}
+        if self.conditioning is not None and self.cond_drop > 0:  # drop whole rows to the unconditional input
+            drop = (torch.rand(B, generator=generator) < self.cond_drop).to(device)
+            uncond = self.conditioning.null(cond)
+            cond = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), uncond[k], v) for k, v in cond.items()}
         if labels is not None:
             if self.cond_drop > 0:
                 drop = (torch.rand(B, generator=generator) < self.cond_drop).to(device)
                 labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
             cond["class_labels"] = labels
         out = model(x_t, t.to(device=device, dtype=torch.float32), **cond)
+        out = out.sample if hasattr(out, "sample") else out  # a diffusers model's output object
         if self.prediction == "eps":
             target = eps
         elif self.prediction == "x0":
