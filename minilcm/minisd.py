@@ -1,0 +1,152 @@
+"""The Chapter 5 mini Stable Diffusion and its LCM student, loaded and sampled with the course's samplers.
+
+    sd = MiniSD.load()                       # data/checkpoints/minisd-cifar10, a StableDiffusionPipeline folder
+    x = sd.sample("dpm_solver_pp", 25, labels, w=1.0)                 # the teacher under CFG: (B, 3, 32, 32)
+    student = load_lcm_student()             # data/checkpoints/lcm-cifar10: the w-conditioned consistency model
+    x = sd.sample("lcm", 4, labels, w=1.0, student=student)
+
+Every teacher sampler runs the guided eps (``lcm.GuidedEps``: one fused batch of 2B rows per evaluation, so the
+teacher's NFE counts CFG's doubled work once per step but costs twice the rows); the LCM student bakes w in and
+costs B rows per step. Time is the diffusers-style timestep of Stable Diffusion's scaled_linear schedule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointError, resolve
+from .consistency import ConsistencyModel, LCMScalings
+from .datasets import CIFAR10_CLASSES
+from .lcm import GuidedEps, TextConditioning, lcm_sample, lcm_timesteps
+from .models.sd import CAPTION_TEMPLATES
+from .schedules import Schedule
+from .solvers import get_sampler
+
+MINISD_NAME, LCM_NAME = "minisd-cifar10", "lcm-cifar10"
+TEACHER_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_pp")
+
+
+class MiniSD:
+    """A StableDiffusionPipeline's parts in the course's convention: ``unet(x, t, encoder_hidden_states=...)`` is the
+    eps-model on *scaled* latents z = scaling_factor * E(x); ``decode`` maps them back to images in [-1, 1]."""
+
+    def __init__(self, pipe, device="cpu"):
+        self.pipe = pipe
+        self.unet, self.vae = pipe.unet.float().eval().to(device), pipe.vae.float().eval().to(device)
+        self.text_encoder, self.tokenizer = pipe.text_encoder.float().eval().to(device), pipe.tokenizer
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        self.schedule = Schedule("scaled_linear")
+        self.device = torch.device(device)
+        self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        self.empty = self.embed([""])[0]  # (L, D): the unconditional input of CFG
+        self.conditioning = TextConditioning(self.empty)
+
+    @classmethod
+    def load(cls, name_or_path=MINISD_NAME, device="cpu") -> "MiniSD":
+        """Load a StableDiffusionPipeline folder (a shipped name or a path), offline."""
+        from diffusers import StableDiffusionPipeline
+
+        path = resolve_folder(name_or_path, "model_index.json",
+                              "train it with `minilcm train autoencoder` then `minilcm train minisd`")
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, device)
+
+    @property
+    def meta(self) -> dict:
+        p = Path(self.pipe.config._name_or_path) / "meta.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder states (B, L, D) of prompts, padded to the tokenizer's max length as Stable Diffusion does."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0].float()
+
+    def prompts(self, labels, template: int = 0) -> list[str]:
+        """The course captions of CIFAR-10 class indices ("a photo of a cat")."""
+        return [CAPTION_TEMPLATES[template].format(CIFAR10_CLASSES[int(c)]) for c in labels]
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch: int = 500) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, 32, 32), float32 on the CPU, from scaled latents."""
+        from .latents import decode
+
+        return decode(self.vae, z, batch, self.scaling_factor).clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+        from .latents import encode
+
+        return encode(self.vae, images, batch, self.scaling_factor)
+
+    def teacher(self, w: float) -> GuidedEps:
+        """The guided teacher eps_w = (1 + w) eps(x, t, c) - w eps(x, t, "") as one eps-model (LCM's convention)."""
+        return GuidedEps(self.unet, self.conditioning, w)
+
+    @torch.no_grad()
+    def sample_latents(self, sampler: str, steps: int, cond: torch.Tensor, w: float = 1.0, *, student=None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents (B, 4, 8, 8) for text states ``cond`` (B, L, D) with ``steps`` model evaluations.
+
+        sampler: ddpm / ddim / dpm_solver / dpm_solver_pp (the guided teacher on diffusers' trailing grid plus the
+        final step to clean data: NFE = steps; dpm_solver is 2nd order, so steps // 2 steps) or lcm (``student``).
+        """
+        B = cond.shape[0]
+        x = torch.randn((B, *self.latent_shape), generator=generator).to(self.device)
+        c = {"encoder_hidden_states": cond.to(self.device)}
+        if sampler == "lcm":
+            if student is None:
+                raise ValueError("sampler 'lcm' needs the LCM student: pass student=load_lcm_student()")
+            ts = lcm_timesteps(self.schedule, steps)
+            return lcm_sample(student, x, self.schedule, ts, cond=c, w=w, generator=generator).x
+        if sampler not in TEACHER_SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} for the mini-SD; choose one of "
+                             f"{', '.join(TEACHER_SAMPLERS + ('lcm',))}")
+        fn = get_sampler(sampler)
+        kw = {}
+        n = steps
+        if sampler == "dpm_solver":
+            kw["order"] = 2
+            n = max(1, (steps - 1) // 2 + 1)
+        ts = self.schedule.timesteps(n, "trailing")
+        if sampler == "ddpm":
+            return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator).x
+        return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator, **kw).x
+
+    def sample(self, sampler: str, steps: int, labels=None, prompts=None, w: float = 1.0, *, student=None,
+               generator=None, batch: int = 250) -> torch.Tensor:
+        """Images in [-1, 1] for class ``labels`` (their captions) or free ``prompts``."""
+        prompts = list(prompts) if prompts is not None else self.prompts(labels)
+        out = []
+        for i in range(0, len(prompts), batch):
+            cond = self.embed(prompts[i:i + batch])
+            out.append(self.decode(self.sample_latents(sampler, steps, cond, w, student=student,
+                                                       generator=generator)))
+        return torch.cat(out)
+
+
+def resolve_folder(name_or_path, marker: str, how: str) -> Path:
+    """A shipped folder name or a path, checked for ``marker``; a clear error naming the fix otherwise."""
+    try:
+        path = resolve(name_or_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} ({how})") from None
+    if not (path / marker).exists():
+        raise CheckpointError(f"{path} has no {marker}: it is not a complete checkpoint ({how})")
+    return path
+
+
+def load_lcm_student(name_or_path=LCM_NAME, device="cpu") -> ConsistencyModel:
+    """The LCM student: a UNet2DConditionModel with a w input (``time_cond_proj_dim``) in LCMScalings, as the
+    consistency function f(x, t, w, c) that ``lcm.lcm_sample`` runs; its training record is ``student.meta``."""
+    from diffusers import UNet2DConditionModel
+
+    path = resolve_folder(name_or_path, "unet/config.json", "distil it with `minilcm train lcm`")
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), dtype=torch.float32)
+    student = ConsistencyModel(unet.eval().to(device), Schedule("scaled_linear"), LCMScalings())
+    student.meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    return student

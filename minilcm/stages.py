@@ -1,0 +1,278 @@
+"""The recipe that trains every shipped checkpoint: one function (and one ``minilcm train STAGE`` command) per stage.
+
+    evaluator    the CIFAR-10 classifier behind FD-clf and class accuracy      -> data/checkpoints/evaluator-cifar10
+    autoencoder  the mini-SD AutoencoderKL (f = 4: 32x32x3 -> 8x8x4)            -> .../minisd-cifar10 (vae/)
+    minisd       the mini-SD text-conditioned latent UNet teacher               -> .../minisd-cifar10 (unet/, ...)
+    lcm          the LCM student distilled from it (w-conditioned)              -> .../lcm-cifar10
+
+Each stage trains in ``runs/<stage>`` (resumable: rerun the same command after an interruption) and exports
+fp16 weights with a ``meta.json``: config, steps, images seen, wall time, hardware, metrics and the git commit.
+Sizes follow the profile (``MINILCM_PROFILE``): ``gpu`` is the full recipe; ``cpu`` is the CPU-sized fallback
+the course ships when no GPU was available (named as such in the metadata); ``fast`` is a smoke test.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoints import SHIPPED_DIR, save_model
+from .profiles import current, pick
+
+
+def provenance(seconds: float, device) -> dict:
+    """Where and how a checkpoint was made: git commit, hardware, versions, wall time, profile."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    dev = torch.device(device)
+    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {"git_commit": commit, "git_dirty": dirty, "hardware": f"{dev.type}: {hw}",
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "profile": current(),
+            "wall_seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+# ---- stage 1: the evaluator ---------------------------------------------------------------------------
+def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Train the CIFAR-10 evaluator classifier, measure its test accuracy, export it with the test-set feature
+    statistics (FD-clf's reference). Returns the metadata written beside the weights."""
+    import numpy as np
+
+    from .datasets import cifar10
+    from .evaluator import (EVALUATOR_NAME, REFERENCE_STATS, ClassifierLoss, EvaluatorNet, accuracy, feature_stats,
+                            features)
+    from .train import TrainConfig, train
+
+    widths = pick(fast=(8, 16, 16, 16), cpu=(64, 128, 256, 256), gpu=(64, 128, 256, 256))
+    epochs = pick(fast=0.02, cpu=10, gpu=20)
+    batch = 256
+    steps = max(2, int(epochs * 50_000 / batch))
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=pick(fast=2e-3, cpu=3e-3, gpu=3e-3), weight_decay=5e-2,
+                      warmup_steps=min(200, steps // 10), lr_decay="cosine", ema_decay=0.999, grad_clip=None,
+                      amp_cpu=True, device=device, ckpt_dir=f"runs/evaluator-{steps}",
+                      ckpt_every=max(50, steps // 20), progress=progress, desc="evaluator classifier")
+    train_set, test_set = cifar10("train"), cifar10("test")
+    net = EvaluatorNet(widths).to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    res = train(net, ClassifierLoss(), train_set, cfg)
+    seconds = time.perf_counter() - t0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(torch.device(device).type == "cpu")):
+        acc_model = accuracy(res.model, test_set.images, test_set.labels)
+        acc_ema = accuracy(res.ema, test_set.images, test_set.labels)
+    best = res.ema if acc_ema >= acc_model else res.model
+    # fp16 export: measure what ships (weights rounded to fp16, evaluated in fp32)
+    out = Path(out) if out else SHIPPED_DIR / EVALUATOR_NAME
+    shipped = EvaluatorNet(widths)
+    shipped.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in best.state_dict().items()})
+    acc = accuracy(shipped, test_set.images, test_set.labels)
+    mu, sigma = feature_stats(features(shipped, test_set.images))
+    mu_tr, sigma_tr = feature_stats(features(shipped, train_set.images[:10_000]))
+    from .metrics import frechet_distance
+
+    fd_train_test = frechet_distance(mu_tr, sigma_tr, mu, sigma)
+    meta = {"stage": "evaluator", "widths": list(widths), "steps": steps, "images_seen": steps * batch,
+            "epochs": round(steps * batch / 50_000, 2), "train_config": {k: str(v) for k, v in vars(cfg).items()},
+            "metrics": {"test_accuracy_tta": round(acc, 4), "test_accuracy_model": round(acc_model, 4),
+                        "test_accuracy_ema": round(acc_ema, 4),
+                        "fd_clf_train10k_vs_test": round(fd_train_test, 3)},
+            "note": "FD-clf: Fréchet distance in this classifier's features; a proxy for FID, not comparable to it",
+            **provenance(seconds, device)}
+    save_model(shipped, out, **{k: v for k, v in meta.items() if k != "train_config"})
+    np.savez(out / REFERENCE_STATS, mu=mu, sigma=sigma)
+    write_meta(out, meta)
+    return meta
+
+
+# ---- stages 2-4: the mini Stable Diffusion of Chapter 5 -------------------------------------------------
+MINISD_NAME, LCM_NAME = "minisd-cifar10", "lcm-cifar10"
+
+
+def _save_diffusers(model, folder: Path) -> None:
+    """save_pretrained in fp16 (the shipped size), leaving the in-memory model untouched."""
+    import copy
+
+    copy.deepcopy(model).to(torch.float16).save_pretrained(str(folder))
+
+
+def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Train the mini-SD AutoencoderKL (f = 4) on CIFAR-10, measure reconstructions and the latent scaling factor,
+    and save it as ``<out>/vae`` (a diffusers AutoencoderKL folder with ``scaling_factor`` in its config)."""
+    from .datasets import cifar10
+    from .latents import AutoencoderLoss, decode, encode, measure_scaling_factor
+    from .models.sd import minisd_vae
+    from .train import TrainConfig, train
+
+    size = pick(fast="tiny", cpu="mini", gpu="mini")
+    steps = pick(fast=3, cpu=2500, gpu=20_000)
+    batch = pick(fast=8, cpu=64, gpu=128)
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=min(100, steps // 10), lr_decay="cosine",
+                      ema_decay=0.999, amp_cpu=True, device=device, ckpt_dir=f"runs/autoencoder-{size}-{steps}",
+                      ckpt_every=max(50, steps // 20), progress=progress, desc="mini-SD autoencoder")
+    train_set, test_set = cifar10("train"), cifar10("test")
+    vae = minisd_vae(size).to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    res = train(vae, AutoencoderLoss(), train_set, cfg)
+    seconds = time.perf_counter() - t0
+    vae = res.ema.float().to(memory_format=torch.contiguous_format)
+    vae = vae.to(torch.float16).float()  # measure what ships (fp16 weights)
+    z = encode(vae, train_set.images[:10_000])
+    sf = measure_scaling_factor(z)
+    vae.register_to_config(scaling_factor=sf)
+    x = test_set.images[:2000]
+    rec = decode(vae, encode(vae, x))
+    mse = ((rec.clamp(-1, 1) - (x.float() / 127.5 - 1)) ** 2).mean().item()
+    psnr = 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # peak-to-peak 2 on [-1, 1]
+    metrics = {"test_psnr_db": round(psnr, 2), "test_mse": round(mse, 5), "scaling_factor": round(sf, 5),
+               "latent_shape": list(z.shape[1:]), "compression": 3 * 32 * 32 / z[0].numel(),
+               "params": sum(p.numel() for p in vae.parameters())}
+    try:
+        from .evaluator import Evaluator
+
+        ev = Evaluator.load()
+        metrics["fd_clf_reconstructions_10k"] = round(ev.fd(decode(vae, encode(vae, test_set.images))), 3)
+    except Exception as e:  # the evaluator stage has not run yet
+        metrics["fd_clf_reconstructions_10k"] = f"not measured ({type(e).__name__})"
+    out = Path(out) if out else SHIPPED_DIR / MINISD_NAME
+    _save_diffusers(vae, out / "vae")
+    meta = {"stage": "autoencoder", "size": size, "steps": steps, "images_seen": steps * batch,
+            "metrics": metrics, **provenance(seconds, device)}
+    (out / "vae" / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    return meta
+
+
+def caption_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states (N, L, D) of prompts, padded to the tokenizer's max length (as SD does)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids.to(text_encoder.device))[0].float().cpu()
+
+
+def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Train the mini-SD teacher: a UNet2DConditionModel on the autoencoder's CIFAR-10 latents, conditioned on
+    class captions through a frozen, randomly initialised CLIP text encoder, with 10% caption dropout (CFG).
+    Saves the whole StableDiffusionPipeline (vae/ from the autoencoder stage) to ``out``."""
+    from diffusers import AutoencoderKL
+
+    from .datasets import CIFAR10_CLASSES, cifar10
+    from .diffusion import DenoisingLoss
+    from .latents import LatentSet, encode
+    from .lcm import TextConditioning
+    from .models.sd import (CAPTION_TEMPLATES, assemble_pipeline, build_tokenizer, minisd_unet, sd_scheduler,
+                            tiny_text_encoder)
+    from .schedules import Schedule
+    from .train import TrainConfig, train
+
+    out = Path(out) if out else SHIPPED_DIR / MINISD_NAME
+    if not (out / "vae").exists():
+        raise FileNotFoundError(f"{out / 'vae'} is missing: run `minilcm train autoencoder` first")
+    vae = AutoencoderKL.from_pretrained(str(out / "vae"), dtype=torch.float32).eval()
+    sf = vae.config.scaling_factor
+    tok = build_tokenizer()
+    te = tiny_text_encoder(tok, hidden=64, seed=0)  # frozen at its random initialisation (see Chapter 5)
+    prompts = [t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES]
+    caps = caption_embeddings(tok, te, prompts).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES),
+                                                        tok.model_max_length, -1)  # (10, 4, L, D)
+    empty = caption_embeddings(tok, te, [""])[0]
+    size = pick(fast="tiny", cpu="mini", gpu="mini")
+    steps = pick(fast=3, cpu=3500, gpu=60_000)
+    batch = pick(fast=8, cpu=128, gpu=256)
+    train_set = cifar10("train")
+    n = pick(fast=64, cpu=len(train_set), gpu=len(train_set))
+    cache = Path(f"runs/minisd-latents-{n}.pt")
+    if cache.exists():
+        z = torch.load(cache)
+    else:
+        z = torch.cat([encode(vae, train_set.images[:n], scaling_factor=sf),
+                       encode(vae, train_set.images[:n], scaling_factor=sf, flip=True)])  # hflip augmentation
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(z, cache)
+    data = LatentSet(z, train_set.labels[:n].repeat(2), caps)
+    unet = minisd_unet(size, cross_attention_dim=te.config.hidden_size,
+                       sample_size=z.shape[-1])
+    schedule = Schedule("scaled_linear")
+    loss = DenoisingLoss(schedule, cond_drop=0.1, conditioning=TextConditioning(empty))
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=pick(fast=1e-3, cpu=1e-3, gpu=3e-4),
+                      warmup_steps=min(200, steps // 10), lr_decay="cosine", ema_decay=pick(fast=0.9, cpu=0.999,
+                                                                                             gpu=0.9999),
+                      amp_cpu=False, device=device, ckpt_dir=f"runs/minisd-{size}-{steps}",
+                      ckpt_every=max(50, steps // 30), progress=progress, desc="mini-SD teacher UNet")
+    t0 = time.perf_counter()
+    res = train(unet, loss, data, cfg)
+    seconds = time.perf_counter() - t0
+    pipe = assemble_pipeline(res.ema.eval(), vae, te, tok, sd_scheduler("ddim"))
+    folder = out
+    folder.mkdir(parents=True, exist_ok=True)
+    vae_meta = (folder / "vae" / "meta.json").read_text() if (folder / "vae" / "meta.json").exists() else "{}"
+    pipe.to(torch.float16).save_pretrained(str(folder))
+    pipe.to(torch.float32)
+    (folder / "vae" / "meta.json").write_text(vae_meta)
+    meta = {"stage": "minisd", "unet_size": size, "unet_params": sum(p.numel() for p in unet.parameters()),
+            "text_encoder": "CLIPTextModel (2 layers, 64 wide), random init, frozen", "captions": CAPTION_TEMPLATES,
+            "cond_drop": 0.1, "schedule": "scaled_linear", "steps": steps, "images_seen": steps * batch,
+            "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 5),
+            **provenance(seconds, device)}
+    write_meta(folder, meta)
+    return meta
+
+
+def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
+              teacher: str | Path = MINISD_NAME) -> dict:
+    """Latent consistency distillation (Luo et al. 2023, Algorithm 1) of the mini-SD teacher into a w-conditioned
+    student (``lcm.lcm_student``: the teacher's UNet copied, a zero-initialised w input added), on the cached
+    CIFAR-10 latents with the class captions. Saves the student UNet (fp16) and an LCMScheduler to ``out``."""
+    from .datasets import CIFAR10_CLASSES, cifar10
+    from .latents import LatentSet
+    from .lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
+    from .minisd import MiniSD
+    from .models.sd import CAPTION_TEMPLATES, sd_scheduler
+    from .train import TrainConfig, train
+
+    sd = MiniSD.load(teacher, device="cpu")
+    train_set = cifar10("train")
+    n = pick(fast=64, cpu=len(train_set), gpu=len(train_set))
+    cache = Path(f"runs/minisd-latents-{n}.pt")
+    if cache.exists():
+        z = torch.load(cache)
+    else:
+        z = torch.cat([sd.encode(train_set.images[:n]), sd.encode(train_set.images[:n].flip(3))])
+    prompts = [t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES]
+    caps = sd.embed(prompts).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
+    data = LatentSet(z, train_set.labels[:n].repeat(2), caps)
+    w_min, w_max, k = 0.0, 4.0, 20
+    student = lcm_student(sd.unet, sd.schedule, w_dim=256)
+    loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,
+                                         mu=0.95)
+    steps = pick(fast=2, cpu=1000, gpu=20_000)
+    batch = pick(fast=4, cpu=64, gpu=256)
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=pick(fast=1e-4, cpu=1e-4, gpu=5e-5), warmup_steps=min(50, steps),
+                      ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.999), device=device, amp=False,
+                      ckpt_dir=f"runs/lcm-{steps}", ckpt_every=max(50, steps // 30), progress=progress,
+                      desc="LCD of the mini-SD")
+    t0 = time.perf_counter()
+    res = train(student, loss, data, cfg)
+    seconds = time.perf_counter() - t0
+    out = Path(out) if out else SHIPPED_DIR / LCM_NAME
+    _save_diffusers(res.ema.net, out / "unet")
+    sd_scheduler("lcm").save_pretrained(str(out / "scheduler"))
+    meta = {"stage": "lcm", "teacher": str(teacher), "k": k, "w_min": w_min, "w_max": w_max, "mu": 0.95,
+            "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
+            "w_dim": 256, "distance": "pseudo_huber", "steps": steps, "images_seen": steps * batch,
+            "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 6),
+            **provenance(seconds, device)}
+    write_meta(out, meta)
+    return meta
