@@ -255,23 +255,35 @@ class LatentConsistencyDistillation(nn.Module):
     as the LCM-convention w above (the script's code does so, though its help text calls them Imagen scales),
     and ``lcm_student``'s w_dim = 256. The distance defaults to ``consistency.pseudo_huber`` (per-sample norm, iCT's
     c); the script's "huber" is the elementwise sqrt((a - b)^2 + c^2) - c with c = 0.001, its default is l2.
+
+    LCM-LoRA (Luo et al. 2023b, arXiv 2311.05556; the reference ``train_lcm_distill_lora_sd_wds.py``) distils at
+    ONE guidance scale into LoRA adapters of the teacher's own UNet: ``fixed_w=w`` sets w_min = w_max = w, and the
+    student may then lack a w input (it gets ``timestep_cond`` only if it has one); ``share_target=True`` uses
+    the online network itself, without gradients, as f_theta- (mu = 0 with no copy: no second UNet in memory).
     """
 
     def __init__(self, teacher: nn.Module, student: ConsistencyModel, conditioning=None, *, k: int = 20,
-                 w_min: float = 5.0, w_max: float = 15.0, mu: float = 0.95, distance: Callable = pseudo_huber):
+                 w_min: float = 5.0, w_max: float = 15.0, mu: float = 0.95, distance: Callable = pseudo_huber,
+                 fixed_w: float | None = None, share_target: bool = False):
         super().__init__()
         if conditioning is None:
             if getattr(teacher, "null_class", None) is None:
                 raise ValueError("pass a conditioning (ClassConditioning / TextConditioning): the teacher has no "
                                  "null_class to build the unconditional input from")
             conditioning = ClassConditioning(teacher.null_class)
+        if fixed_w is not None:
+            w_min = w_max = float(fixed_w)
         if not 0 <= w_min <= w_max:
             raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
         self.w_dim = guidance_dim(student)
-        if self.w_dim is None:
-            raise ValueError("the student has no guidance input (time_cond_proj_dim): build it with lcm_student")
+        if self.w_dim is None and fixed_w is None:
+            raise ValueError("the student has no guidance input (time_cond_proj_dim): build it with lcm_student, "
+                             "or pass fixed_w to distil at one w without a w input (LCM-LoRA)")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.share_target = share_target
+        self.target = None if share_target else copy.deepcopy(student).requires_grad_(False)
+        if share_target:
+            mu = 0.0
         self.conditioning, self.schedule = conditioning, student.schedule
         self.k, self.w_min, self.w_max, self.mu, self.distance = k, w_min, w_max, mu, distance
         self.register_buffer("timesteps", skipping_timesteps(self.schedule, k))  # (N,) the t_{n+k}
@@ -294,14 +306,18 @@ class LatentConsistencyDistillation(nn.Module):
         self.teacher.eval()
         with torch.no_grad():
             x_hat_n = guided_ddim_step(self.teacher, x_nk, self.schedule, t_nk, t_n, cond, uncond, w.to(device))
-        student_cond = {**cond, "timestep_cond": guidance_embedding(w, self.w_dim).to(device=device, dtype=x0.dtype)}
-        online, target = paired_forward(model, self.target, x_nk, t_nk.to(device), x_hat_n, t_n.to(device),
+        student_cond = dict(cond)
+        if self.w_dim is not None:
+            student_cond["timestep_cond"] = guidance_embedding(w, self.w_dim).to(device=device, dtype=x0.dtype)
+        target = model if self.share_target else self.target
+        online, target = paired_forward(model, target, x_nk, t_nk.to(device), x_hat_n, t_n.to(device),
                                         student_cond)
         return self.distance(online, target).mean()
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Algorithm 1, last line)."""
-        ema_update(self.target, model, self.mu)
+        """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Algorithm 1, last line); nothing with share_target."""
+        if not self.share_target:
+            ema_update(self.target, model, self.mu)
 
 
 # ---- sampling --------------------------------------------------------------------------------------

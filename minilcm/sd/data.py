@@ -1,0 +1,174 @@
+"""Image-caption data for distillation at Stable Diffusion scale, and its cache of latents and text embeddings.
+
+    caption_pairs(source)               [(image path or PIL image, caption), ...] from a folder or a `datasets` name
+    encode_pairs(pairs, pipe, res)      -> LatentCaptions: VAE latents z = scaling_factor * E(x) and text states c
+    LatentCaptions(latents, embeds)     data(n, generator) -> (latents (n, 4, h, w), embeds (n, L, D)) for train()
+    load_or_encode(source, pipe, ...)   the above, read from / written to a cache file when one is given
+
+LCD never needs pixels or tokens inside the training step: the teacher, the student and the target all read the
+latent z_0 = E(x) and the text states c (Luo et al. 2023, Algorithm 1). So both are computed ONCE, before training
+(the reference script re-runs the VAE encoder and CLIP on every step). The cache keeps the posterior mean of
+E(x); the reference script draws z ~ q(z|x) each step, which differs from the mean by ~ 1e-2 of its scale in SD.
+
+A folder follows Hugging Face's ImageFolder convention: images (png, jpg, jpeg, webp, bmp), anywhere below the
+folder, with captions either in ``metadata.jsonl`` (one JSON object per line with ``file_name`` and ``text``,
+or ``caption``) or in a ``.txt`` file of the same name next to each image.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+class DataError(ValueError):
+    """The caption data is missing, empty, or has images without captions."""
+
+
+def folder_pairs(folder: str | Path) -> list[tuple[Path, str]]:
+    """(image path, caption) for every image below ``folder`` (ImageFolder convention, see the module docstring)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"the data folder {folder} does not exist")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise DataError(f"the data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    captions: dict[Path, str] = {}
+    for meta in folder.rglob("metadata.jsonl"):
+        for i, line in enumerate(meta.read_text().splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key = next((k for k in CAPTION_KEYS if k in row), None)
+            if "file_name" not in row or key is None:
+                raise DataError(f"{meta}, line {i + 1}: need 'file_name' and one of {CAPTION_KEYS}, got {sorted(row)}")
+            captions[(meta.parent / row["file_name"]).resolve()] = str(row[key])
+    pairs, missing = [], []
+    for p in images:
+        side = p.with_suffix(".txt")
+        text = captions.get(p.resolve(), side.read_text().strip() if side.exists() else None)
+        (pairs.append((p, text)) if text is not None else missing.append(p))
+    if missing:
+        names = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
+        raise DataError(f"{len(missing)} of {len(images)} images in {folder} have no caption (e.g. {names}): add "
+                        "them to metadata.jsonl ({\"file_name\": ..., \"text\": ...}) or write a .txt file beside each")
+    return pairs
+
+
+def hub_pairs(name: str, split: str = "train", image_column: str = "image", caption_column: str | None = None,
+              max_samples: int | None = None) -> list:
+    """(PIL image, caption) rows of a Hugging Face ``datasets`` dataset (imported only here; may need network)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{name!r} is not a folder; to read it as a Hugging Face dataset: "
+                          "pip install datasets") from e
+    ds = datasets.load_dataset(name, split=split)
+    col = caption_column or next((k for k in CAPTION_KEYS if k in ds.column_names), None)
+    if col is None or image_column not in ds.column_names:
+        raise DataError(f"dataset {name!r} has columns {ds.column_names}: pass image_column / caption_column")
+    if max_samples:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    return [(row[image_column], str(row[col])) for row in ds]
+
+
+def caption_pairs(source, **hub_kwargs) -> list:
+    """A folder (if ``source`` is an existing directory, or looks like a path) or a `datasets` name."""
+    p = Path(str(source))
+    if p.is_dir() or p.is_absolute() or str(source).startswith((".", "~")) or p.exists():
+        return folder_pairs(p)
+    return hub_pairs(str(source), **hub_kwargs)
+
+
+def load_image(image, resolution: int) -> torch.Tensor:
+    """An image (path or PIL) as (3, res, res) in [-1, 1]: shorter side resized to ``resolution``, centre crop."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    img = image if isinstance(image, Image.Image) else Image.open(image)
+    img = TF.center_crop(TF.resize(img.convert("RGB"), resolution, antialias=True), resolution)
+    return TF.to_tensor(img) * 2 - 1
+
+
+@torch.no_grad()
+def text_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states (N, L, D), prompts padded to the tokenizer's length (77 in SD)."""
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
+
+
+@dataclass
+class LatentCaptions:
+    """Cached training data: latents (N, 4, h, w) (already times the VAE's scaling_factor), text states (N, L, D)
+    and the empty prompt's states (L, D) for the unconditional branch. ``data(n, generator)`` draws a batch."""
+
+    latents: torch.Tensor
+    embeds: torch.Tensor
+    empty: torch.Tensor
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __call__(self, n: int, generator: torch.Generator | None = None):
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        return self.latents[idx].float(), self.embeds[idx].float()
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": self.latents.contiguous(), "embeds": self.embeds.contiguous(),
+                   "empty": self.empty.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path) -> LatentCaptions:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["latents"], t["embeds"], t["empty"])
+
+
+@torch.no_grad()
+def encode_pairs(pairs, pipe, resolution: int, batch: int = 8, progress: bool = False) -> LatentCaptions:
+    """Encode every image with the pipeline's VAE (posterior mean x scaling_factor) and every caption with its text
+    encoder; text states are kept in fp16 (half the memory; the UNet runs in bf16/fp16 on a GPU anyway)."""
+    from tqdm.auto import tqdm
+
+    vae = pipe.vae
+    dev, dt = vae.device, vae.dtype
+    zs = []
+    for i in tqdm(range(0, len(pairs), batch), desc="encode images", disable=not progress, leave=False):
+        x = torch.stack([load_image(img, resolution) for img, _ in pairs[i:i + batch]])
+        zs.append(vae.encode(x.to(dev, dt)).latent_dist.mean.float().cpu())
+    latents = (torch.cat(zs) * vae.config.scaling_factor).contiguous()  # the VAE may hand back channels_last
+    embeds = torch.cat([text_states(pipe, [c for _, c in pairs[i:i + batch]]) for i in range(0, len(pairs), batch)])
+    return LatentCaptions(latents, embeds.half(), text_states(pipe, [""])[0])
+
+
+def vae_scale_factor(pipe) -> int:
+    """f: pixels per latent side (8 for SD: 512 px -> 64x64 latents)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def load_or_encode(source, pipe, resolution: int, cache=None, progress: bool = False, **hub_kwargs):
+    """Read ``cache`` if it exists (checked against this teacher and resolution), else encode ``source`` (and write
+    ``cache`` when given)."""
+    if cache is not None and Path(cache).exists():
+        data = LatentCaptions.load(cache)
+        side, dim = resolution // vae_scale_factor(pipe), pipe.text_encoder.config.hidden_size
+        if data.latents.shape[-1] != side or data.embeds.shape[-1] != dim:
+            raise DataError(f"the cache {cache} holds {tuple(data.latents.shape[1:])} latents and "
+                            f"{data.embeds.shape[-1]}-wide text states; this teacher at {resolution} px needs "
+                            f"{side}x{side} latents and {dim}-wide states: delete the cache or pass another file")
+        return data
+    data = encode_pairs(caption_pairs(source, **hub_kwargs), pipe, resolution, progress=progress)
+    if cache is not None:
+        data.save(cache)
+    return data
