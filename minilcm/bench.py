@@ -6,11 +6,15 @@ distance) and with an image metric (a hook for the FID-like evaluator of ``minil
 not exist yet: until then the column stays None).
 
     rows = solver_benchmark(model, schedule, x_T, nfes=[5, 10, 20], solvers=DEFAULT_SOLVERS, reference=x_ref)
+
+``model_benchmark`` (``minilcm bench``) does the same for the shipped CIFAR-10 teachers and students, with the image
+metric FD-clf (``minilcm.evaluator``), class accuracy and the wall time per image, and checks the LCM headline.
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,3 +119,250 @@ def table(rows: list[BenchRow]) -> str:
         lines.append(f"{r.solver:<18}{r.nfe:>5}{fmt(r.err_ref, '.3e', 11)}{fmt(r.dist_data, '.4f', 11)}"
                      f"{fmt(r.image_metric, '.3f', 9)}{r.seconds:>9.3f}")
     return "\n".join(lines)
+
+
+# ---- minilcm bench: every sampler at every NFE on the shipped teachers and students ---------------------
+# The headline of the LCM talk (Luo et al. 2023, arXiv 2310.04378, Sec. 5): about 4 steps instead of 20+, at least
+# 5x faster, CFG included. ``model_benchmark`` measures it on the course's own models, all in one run.
+#
+#     res = model_benchmark(n=1000, w=1.0, out="runs/bench")   # writes bench.md, bench.json, bench.png
+#     res["checks"]                                            # the headline, checked
+
+BENCH_PLAN = {  # model role -> [(sampler, steps...)]
+    "mini-SD teacher": [("ddim", (4, 8, 25)), ("dpm_solver_pp", (4, 8, 25)), ("ddpm", (25,))],
+    "LCM student": [("lcm", (1, 2, 4))],
+    "pixel DDPM teacher": [("ddim", (4, 8, 25)), ("dpm_solver_pp", (4, 8, 25))],
+    "CD student": [("cm", (1, 2))],
+}
+HEADLINE = {"lcm4_fd_ratio_max": 1.15, "lcm4_speedup_min": 5.0, "lcm2_fd_ratio_max": 1.3}
+
+
+@dataclass
+class ModelBenchRow:
+    model: str                       # role: "mini-SD teacher", "LCM student", ..., or a reference row
+    sampler: str                     # sampler name, or "reference"
+    steps: int | None                # steps asked for
+    nfe: int | None                  # network evaluations per sample (a CFG teacher's 2B-row call counts once)
+    rows_per_eval: int | None        # 2 for a teacher under CFG: its evaluations cost twice the rows
+    n: int                           # images measured
+    w: float | None                  # guidance (LCM convention), None when unconditional
+    fd_clf: float                    # FD-clf vs the CIFAR-10 test set (lower is better)
+    class_acc: float | None          # evaluator's accuracy on the requested classes (conditional samples)
+    sec_per_image: float | None      # wall clock of sampling + decoding, per image
+    path: str = ""
+    note: str = ""
+
+
+def _hardware(device) -> str:
+    import platform
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    return f"cpu: {cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def _reference_images(n: int):
+    """n class-balanced CIFAR-10 test images (uint8 (n, 3, 32, 32)) and labels: the first of each class in turn."""
+    from .datasets import cifar10
+    from .generate import balanced_labels
+
+    test = cifar10("test")
+    want = balanced_labels(n)
+    by_class = {c: (test.labels == c).nonzero().flatten().tolist() for c in range(10)}
+    idx = [by_class[c][i // 10] for i, c in enumerate(want)]
+    return test.images[idx], test.labels[idx]
+
+
+def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, device: str = "cpu", seed: int = 0,
+                    batch: int = 250, minisd="minisd-cifar10", lcm="lcm-cifar10", evaluator="evaluator-cifar10",
+                    pixel_teacher="ddpm-cifar10", pixel_cm="cd-cifar10", plan: dict | None = None,
+                    reference=None, progress: bool = True) -> dict:
+    """Run every sampler of ``plan`` (default ``BENCH_PLAN``) at each step count on each model with the same seed,
+    ``n`` class-balanced images and guidance ``w``; measure FD-clf, class accuracy, NFE and the wall time per image
+    (sampling + decoding; never the metric). Adds two reference rows: ``n`` real CIFAR-10 test images (the floor
+    of FD-clf at this n: the Fréchet distance is biased upward at small n) and their autoencoder reconstructions
+    (the mini-SD's VAE floor: no latent model beats its decoder).
+
+    minisd, lcm, evaluator   required (shipped names or folder paths)
+    pixel_teacher, pixel_cm  the Chapters 1-4 CIFAR models: skipped, with a note, when they do not exist
+    reference                (images uint8 (n, 3, 32, 32), labels) for the reference rows; default: the CIFAR-10
+                             test set (skipped, with a note, when CIFAR-10 is unavailable)
+    out                      folder for bench.md, bench.json and bench.png (None: write nothing)
+
+    Returns {"header", "rows" (list of dict), "checks", "notes", "table" (markdown), "files"}.
+    """
+    import json
+
+    from .checkpoints import CheckpointError
+    from .evaluator import Evaluator
+    from .generate import generate, load_model_folder
+
+    plan = BENCH_PLAN if plan is None else plan
+    ev = Evaluator.load(evaluator, device=device)
+    notes, models = [], {}
+    for role, spec, required in [("mini-SD teacher", minisd, True), ("LCM student", lcm, True),
+                                 ("pixel DDPM teacher", pixel_teacher, False), ("CD student", pixel_cm, False)]:
+        if role not in plan:
+            continue
+        if spec is None:
+            notes.append(f"{role} left out")
+            continue
+        try:
+            models[role] = load_model_folder(spec, device=device)
+        except CheckpointError as e:
+            if required:
+                raise
+            notes.append(f"{role} ({spec}) skipped: {e}")
+    runs = [(role, s, k) for role in models for s, steps in plan[role] for k in steps]
+    it = runs
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(runs, desc="minilcm bench")
+    rows = []
+    for role, sampler, steps in it:
+        m = models[role]
+        g = generate(m, sampler, steps, n, w=w, seed=seed, batch=batch, device=device)
+        x = g.images_nchw
+        cond = (g.labels >= 0).all()
+        rows.append(ModelBenchRow(role, sampler, steps, g.nfe, g.rows_per_eval, n, w if cond else None,
+                                  ev.fd(x), ev.class_accuracy(x, torch.from_numpy(g.labels)) if cond else None,
+                                  g.seconds_per_image, str(m.path)))
+    # reference rows: real images at this n, and the VAE's reconstructions of them
+    try:
+        ref_x, ref_y = reference if reference is not None else _reference_images(n)
+        rows.append(ModelBenchRow("CIFAR-10 test images", "reference", None, None, None, len(ref_x), None,
+                                  ev.fd(ref_x), ev.class_accuracy(ref_x, ref_y), None,
+                                  note="the floor of FD-clf at this n"))
+        if "mini-SD teacher" in models:
+            sd = models["mini-SD teacher"].sd
+            rec = sd.decode(sd.encode(ref_x))
+            rows.append(ModelBenchRow("VAE reconstruction", "reference", None, None, None, len(ref_x), None,
+                                      ev.fd(rec), ev.class_accuracy(rec, ref_y), None,
+                                      str(models["mini-SD teacher"].path), "decode(encode(test images))"))
+    except Exception as e:  # CIFAR-10 unavailable: the reference rows are optional
+        notes.append(f"reference rows skipped: {type(e).__name__}: {e}")
+    checks = headline_checks(rows)
+    header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": _hardware(device), "device": str(device),
+              "n": n, "w": w, "guidance_scale": w + 1, "seed": seed, "batch": batch,
+              "evaluator": {"path": str(evaluator), **ev.meta.get("metrics", {})}, "torch": torch.__version__}
+    if n < 1000:
+        notes.append(f"n = {n} < 1000: FD-clf is biased upward and noisy at small n; compare rows with each other "
+                     "and with the test-image floor, not with published FIDs")
+    res = {"header": header, "rows": [dict(vars(r)) for r in rows], "checks": checks, "notes": notes}
+    res["table"] = bench_markdown(res)
+    res["files"] = {}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.md").write_text(res["table"])
+        (out / "bench.json").write_text(json.dumps({k: v for k, v in res.items() if k != "files"}, indent=1))
+        plot_model_benchmark(rows, out / "bench.png", title=f"minilcm bench, n = {n}, w = {w:g} "
+                                                            f"({header['hardware']})")
+        res["files"] = {k: str(out / f"bench.{k}") for k in ("md", "json", "png")}
+    return res
+
+
+def _find(rows, model, sampler, steps):
+    for r in rows:
+        r = r if isinstance(r, dict) else vars(r)
+        if r["model"] == model and r["sampler"] == sampler and r["steps"] == steps:
+            return r
+    return None
+
+
+def headline_checks(rows) -> dict:
+    """The talk's headline on our models: LCM at 4 steps within 1.15x of the teacher's DPM-Solver++ at 25 on FD-clf
+    and >= 5x faster per image; LCM at 2 steps within 1.3x; and LCM at 4 better than the teacher's DDIM at 4."""
+    T, S = "mini-SD teacher", "LCM student"
+    l4, l2 = _find(rows, S, "lcm", 4), _find(rows, S, "lcm", 2)
+    p25, d4 = _find(rows, T, "dpm_solver_pp", 25), _find(rows, T, "ddim", 4)
+    out = {}
+    if l4 and p25:
+        r, s = l4["fd_clf"] / p25["fd_clf"], p25["sec_per_image"] / l4["sec_per_image"]
+        out["lcm4_fd_ratio"] = {"value": r, "target": f"<= {HEADLINE['lcm4_fd_ratio_max']}",
+                                "pass": r <= HEADLINE["lcm4_fd_ratio_max"]}
+        out["lcm4_speedup"] = {"value": s, "target": f">= {HEADLINE['lcm4_speedup_min']}",
+                               "pass": s >= HEADLINE["lcm4_speedup_min"]}
+    if l2 and p25:
+        r = l2["fd_clf"] / p25["fd_clf"]
+        out["lcm2_fd_ratio"] = {"value": r, "target": f"<= {HEADLINE['lcm2_fd_ratio_max']}",
+                                "pass": r <= HEADLINE["lcm2_fd_ratio_max"]}
+    if l4 and d4:
+        out["lcm4_beats_ddim4"] = {"value": l4["fd_clf"] / d4["fd_clf"], "target": "< 1", "pass":
+                                   l4["fd_clf"] < d4["fd_clf"]}
+    return out
+
+
+def bench_markdown(res: dict) -> str:
+    """The benchmark as a markdown table with its date, hardware and headline checks."""
+    h = res["header"]
+    rows = res["rows"]
+    p25 = _find(rows, "mini-SD teacher", "dpm_solver_pp", 25)
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"**minilcm bench** — {h['date']} — {h['hardware']}", "",
+             f"n = {h['n']} class-balanced images per row, seed {h['seed']}, batch {h['batch']}; "
+             f"w = {h['w']:g} (LCM convention; diffusers guidance_scale = {h['guidance_scale']:g}). "
+             "FD-clf: Fréchet distance in the course's CIFAR-10 classifier features vs the test set, "
+             "a proxy for FID (lower is better). Time: sampling + decoding per image, CFG's 2B rows included.", "",
+             "| model | sampler | steps | NFE | rows / eval | FD-clf | class acc | ms / image | speed-up vs DPM-Solver++ 25 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = (f"{p25['sec_per_image'] / r['sec_per_image']:.1f}x"
+              if p25 and r["sec_per_image"] and r["model"] in ("mini-SD teacher", "LCM student") else "–")
+        lines.append(f"| {r['model']} | {r['sampler']} | {f(r['steps'], 'd')} | {f(r['nfe'], 'd')} | "
+                     f"{f(r['rows_per_eval'], 'd')} | {r['fd_clf']:.4g} | {f(r['class_acc'], '.3f')} | "
+                     f"{f(None if r['sec_per_image'] is None else r['sec_per_image'] * 1e3, '.2f')} | {sp} |")
+    lines += ["", "Headline (LCM talk: about 4 steps, at least 5x faster than a 20+ step sampler):", ""]
+    names = {"lcm4_fd_ratio": "LCM 4 steps FD-clf / teacher DPM-Solver++ 25",
+             "lcm4_speedup": "teacher DPM-Solver++ 25 time / LCM 4 steps time",
+             "lcm2_fd_ratio": "LCM 2 steps FD-clf / teacher DPM-Solver++ 25",
+             "lcm4_beats_ddim4": "LCM 4 steps FD-clf / teacher DDIM 4"}
+    for k, c in res["checks"].items():
+        lines.append(f"- {names[k]}: {c['value']:.2f} (target {c['target']}): {'PASS' if c['pass'] else 'FAIL'}")
+    for note in res["notes"]:
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_model_benchmark(rows, path=None, title: str | None = None):
+    """FD-clf against NFE and against the wall time per image, one line per (model, sampler); reference rows as
+    horizontal lines. Returns the figure (saved to ``path`` when given)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r if isinstance(r, dict) else vars(r) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for r in rows:
+        if r["sampler"] != "reference":
+            series.setdefault(f"{r['model']}: {r['sampler']}", []).append(r)
+    for i, (label, rs) in enumerate(series.items()):
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        style = dict(marker="o" if "student" in label else "s", ls="-" if "student" in label else "--",
+                     color=f"C{i}", label=label)
+        axes[0].plot([r["nfe"] for r in rs], [r["fd_clf"] for r in rs], **style)
+        axes[1].plot([r["sec_per_image"] * 1e3 for r in rs], [r["fd_clf"] for r in rs], **style)
+        for r in rs:
+            axes[1].annotate(str(r["nfe"]), (r["sec_per_image"] * 1e3, r["fd_clf"]), fontsize=7,
+                             textcoords="offset points", xytext=(3, 3))
+    for j, r in enumerate(r for r in rows if r["sampler"] == "reference"):
+        for ax in axes:
+            ax.axhline(r["fd_clf"], color="gray", ls=":" if j else "-.", lw=1, label=f"{r['model']} (reference)")
+    nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
+    axes[0].set(xscale="log", yscale="log", xlabel="NFE (network evaluations per sample)",
+                ylabel="FD-clf (log; lower is better)", title="quality vs NFE")
+    axes[0].set_xticks(nfes, [str(v) for v in nfes])
+    axes[0].minorticks_off()
+    axes[1].set(xscale="log", yscale="log", xlabel="wall time per image (ms, log; labels: NFE)", ylabel="FD-clf (log)",
+                title="quality vs time")
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig

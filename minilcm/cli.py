@@ -1,6 +1,10 @@
 """The ``minilcm`` command line.
 
     minilcm demo [--out runs/demo] [--steps 3000]      the newcomer's first run (under a minute on a CPU)
+    minilcm sample --model NAME_OR_PATH --sampler S --steps N --n N --out FILE.npz [...]   images from a checkpoint
+    minilcm bench [--n N] [--w W] [--out runs/bench]   every sampler at every NFE on the shipped models, one table
+    minilcm train {evaluator,autoencoder,minisd,lcm}   one stage of the shipped checkpoints (minilcm.stages)
+    minilcm sd-distill TEACHER DATA OUT [--mode full|lora ...]   LCD / LCM-LoRA of a Stable Diffusion (Chapter 6)
 """
 from __future__ import annotations
 
@@ -8,6 +12,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def demo(args) -> int:
@@ -71,6 +81,96 @@ def demo(args) -> int:
     return 0
 
 
+def train_stage(args) -> int:
+    """Train one stage of the shipped-checkpoint recipe (minilcm.stages) and print its metadata."""
+    import json
+
+    from . import stages
+
+    fn = {"evaluator": stages.train_evaluator, "autoencoder": stages.train_autoencoder,
+          "minisd": stages.train_minisd, "lcm": stages.train_lcm}.get(args.stage)
+    if fn is None:
+        print(f"unknown stage {args.stage!r}", file=sys.stderr)
+        return 2
+    kw = {"teacher": args.teacher} if args.stage == "lcm" and args.teacher else {}
+    meta = fn(out=args.out, device=args.device, **kw)
+    print(json.dumps(meta.get("metrics", {}), indent=1))
+    return 0
+
+
+def sample(args) -> int:
+    """Sample images from a checkpoint (minilcm.generate) and write FILE.npz (images, labels) and FILE.png."""
+    import numpy as np
+
+    from .checkpoints import CheckpointError
+    from .generate import generate, load_model_folder
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        print(f"minilcm sample: error: --out must name a .npz file, got {out}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not _has_cuda():
+        print("minilcm sample: error: --device cuda but CUDA is not available here", file=sys.stderr)
+        return 2
+    try:
+        t0 = time.perf_counter()
+        model = load_model_folder(args.model, device=args.device)
+        load_s = time.perf_counter() - t0
+        res = generate(model, args.sampler, args.steps, args.n, w=args.guidance, class_=args.class_,
+                       prompt=args.prompt, seed=args.seed, batch=args.batch, device=args.device)
+    except (ValueError, CheckpointError) as e:
+        print(f"minilcm sample: error: {e}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, images=res.images, labels=res.labels)
+    png = out.with_suffix(".png")
+    _write_grid(res.images[:100], png)
+    cfg = "" if model.conditional == "none" else f", w = {args.guidance:g} (guidance_scale {args.guidance + 1:g})"
+    print(f"{args.n} images from {model.kind} {model.path} with {args.sampler}, {args.steps} steps "
+          f"({res.nfe} NFE{', CFG: 2 rows per evaluation' if res.rows_per_eval == 2 else ''}){cfg}")
+    print(f"wall time per image: {res.seconds_per_image * 1e3:.2f} ms ({res.info['seconds']:.2f} s for {args.n}, "
+          f"batch {args.batch}, {args.device}; loading took {load_s:.1f} s)")
+    print(f"wrote {out} (images {res.images.shape} uint8, labels) and {png}")
+    return 0
+
+
+def _write_grid(images, path: Path) -> None:
+    """A PNG grid of (N, 32, 32, 3) uint8 images, 10 per row (one column per class when classes cycle)."""
+    import torch
+    from PIL import Image
+
+    from .viz import image_grid
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    Image.fromarray(image_grid(x, nrow=min(10, len(images)))).save(path)
+
+
+def bench(args) -> int:
+    """Every sampler at every NFE on the shipped teachers and students (minilcm.bench.model_benchmark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .bench import model_benchmark
+    from .checkpoints import CheckpointError
+    from .profiles import pick
+
+    n = args.n or pick(fast=20, cpu=1000, gpu=10_000)
+    if args.device == "cuda" and not _has_cuda():
+        print("minilcm bench: error: --device cuda but CUDA is not available here", file=sys.stderr)
+        return 2
+    try:
+        res = model_benchmark(n, args.w, args.out, device=args.device, seed=args.seed, batch=args.batch,
+                              minisd=args.minisd, lcm=args.lcm, evaluator=args.evaluator,
+                              pixel_teacher=None if args.no_pixel else args.ddpm,
+                              pixel_cm=None if args.no_pixel else args.cd)
+    except (ValueError, CheckpointError) as e:
+        print(f"minilcm bench: error: {e}", file=sys.stderr)
+        return 2
+    print(res["table"])
+    print("wrote " + ", ".join(res["files"].values()))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="minilcm", description="minilcm: from DDPM to latent consistency models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -79,6 +179,54 @@ def main(argv=None) -> int:
     d.add_argument("--steps", type=int, default=3000)
     d.add_argument("--n", type=int, default=2000, help="number of samples")
     d.set_defaults(fn=demo)
+    t = sub.add_parser("train", help="train one stage of the shipped checkpoints (see minilcm.stages)")
+    t.add_argument("stage", choices=["evaluator", "autoencoder", "minisd", "lcm"])
+    t.add_argument("--out", default=None, help="export folder (default: data/checkpoints/<name>)")
+    t.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    t.add_argument("--teacher", default=None, help="lcm stage: the mini-SD folder to distil (default: shipped)")
+    t.set_defaults(fn=train_stage)
+    s = sub.add_parser("sample", help="sample images from a checkpoint into FILE.npz (+ FILE.png)",
+                       description="Sample images from a shipped checkpoint or a folder (see minilcm.generate). "
+                       "--guidance is w in the LCM convention, eps_w = (1 + w) eps_cond - w eps_uncond: diffusers' "
+                       "guidance_scale = w + 1. Without --class or --prompt a conditional model samples the ten "
+                       "classes evenly.")
+    s.add_argument("--model", required=True, metavar="NAME_OR_PATH", help="shipped name (minisd-cifar10, lcm-cifar10, ddpm-cifar10, "
+                   "cd-cifar10) or a folder path")
+    s.add_argument("--sampler", required=True, choices=["ddpm", "ddim", "dpm_solver", "dpm_solver_pp", "cm", "lcm"])
+    s.add_argument("--steps", type=int, required=True, metavar="N", help="network evaluations (NFE) per sample")
+    s.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="CFG weight w, LCM convention (diffusers guidance_scale = w + 1); default 1.0")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_", default=None, metavar="INDEX_OR_NAME", help="CIFAR-10 class index (0-9) or name")
+    which.add_argument("--prompt", default=None, metavar="TEXT", help="text prompt (the text-conditioned mini-SD and LCM student)")
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--seed", type=int, default=0, metavar="S")
+    s.add_argument("--batch", type=int, default=250, metavar="B", help="images per batch (default 250)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _has_cuda() else "cpu")
+    s.add_argument("--out", required=True, metavar="FILE.npz", help="FILE.npz (the PNG grid is written beside it as FILE.png)")
+    s.set_defaults(fn=sample)
+    b = sub.add_parser("bench", help="every sampler at every NFE on the shipped models: table, JSON, plot",
+                       description="Run the mini-SD teacher (DDIM, DPM-Solver++ at 4/8/25 steps, DDPM at 25) and the "
+                       "LCM student (1/2/4 steps), plus the pixel DDPM/CD models when shipped, on the same seeds; "
+                       "measure FD-clf, class accuracy, NFE and time per image; check the LCM headline.")
+    b.add_argument("--n", type=int, default=None, help="images per row (default by profile: fast 20, cpu 1000, "
+                   "gpu 10000)")
+    b.add_argument("--w", type=float, default=1.0, help="guidance, LCM convention (guidance_scale = w + 1)")
+    b.add_argument("--out", default="runs/bench", help="folder for bench.md, bench.json, bench.png")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _has_cuda() else "cpu")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch", type=int, default=250)
+    b.add_argument("--minisd", default="minisd-cifar10", help="mini-SD teacher (name or folder)")
+    b.add_argument("--lcm", default="lcm-cifar10", help="LCM student (name or folder)")
+    b.add_argument("--evaluator", default="evaluator-cifar10", help="FD-clf evaluator (name or folder)")
+    b.add_argument("--ddpm", default="ddpm-cifar10", help="pixel DDPM teacher (skipped when missing)")
+    b.add_argument("--cd", default="cd-cifar10", help="pixel CD student (skipped when missing)")
+    b.add_argument("--no-pixel", action="store_true", help="leave out the pixel models even when shipped (their "
+                   "32x32 UNets are slow on a CPU)")
+    b.set_defaults(fn=bench)
+    from .sd.cli import register as register_sd_distill
+
+    register_sd_distill(sub)  # minilcm sd-distill (Chapter 6)
     args = p.parse_args(argv)
     return args.fn(args)
 

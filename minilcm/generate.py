@@ -1,0 +1,327 @@
+"""One way to turn a checkpoint into images: ``generate(model, sampler, steps, n)``, shared by ``minilcm sample``,
+``minilcm bench`` and the notebooks.
+
+    out = generate("lcm-cifar10", "lcm", steps=4, n=100, w=1.0)          # a shipped name or a folder path
+    out.images  (N, 32, 32, 3) uint8 RGB,  out.labels (N,) CIFAR-10 class index (-1: unconditional)
+    out.seconds_per_image, out.nfe
+
+Three kinds of model folder (``load_model_folder`` tells them apart):
+
+    minisd  a StableDiffusionPipeline folder (model_index.json): the Chapter 5 mini-SD teacher under CFG,
+            samplers ddpm / ddim / dpm_solver / dpm_solver_pp (``minisd.MiniSD``)
+    lcm     an LCM student folder (unet/ + meta.json naming its "teacher"): sampler lcm; the autoencoder and the
+            text encoder come from the teacher's folder
+    pixel   a ``checkpoints.save_model`` folder (state.safetensors + config.json) of a Chapters 1-4 CIFAR-10 model:
+            an ``EpsUNet`` (the DDPM teacher: the four teacher samplers, CFG through the null class) or a
+            ``ConsistencyModel`` (the CD student: sampler cm, ``consistency.cm_sample``)
+
+Guidance w is in the LCM convention, eps_w = (1 + w) eps(x, t, c) - w eps(x, t, null) (Luo et al. 2023, Eq. 9);
+diffusers' ``guidance_scale`` is w + 1. A teacher pays for CFG with a fused batch of 2B rows per evaluation; the
+LCM student has w baked in (B rows). The time reported is the wall clock of sampling and decoding, per image.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import CheckpointError, resolve
+from .datasets import CIFAR10_CLASSES, to_uint8
+from .schedules import Schedule
+
+TEACHER_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_pp")
+ALL_SAMPLERS = TEACHER_SAMPLERS + ("cm", "lcm")
+# how to make each shipped checkpoint: named in the error when one is missing
+TRAIN_COMMANDS = {
+    "minisd-cifar10": "`minilcm train autoencoder` then `minilcm train minisd`",
+    "lcm-cifar10": "`minilcm train lcm` (after the mini-SD teacher)",
+    "evaluator-cifar10": "`minilcm train evaluator`",
+    "ddpm-cifar10": "minilcm.recipes.cifar_teacher() on a GPU, exported with checkpoints.save_model",
+    "cd-cifar10": "minilcm.recipes.cifar_cd_student() on a GPU, exported with checkpoints.save_model",
+}
+
+
+@dataclass
+class Generated:
+    """What ``generate`` returns."""
+
+    images: np.ndarray          # (N, 32, 32, 3) uint8, RGB
+    labels: np.ndarray          # (N,) int64: the CIFAR-10 class index asked for, -1 when unconditional
+    seconds_per_image: float    # wall clock of sampling + decoding (+ text encoding), divided by N
+    nfe: int                    # network evaluations per sample (a CFG teacher's fused 2B-row call counts once)
+    rows_per_eval: int = 1      # 2 for a teacher under CFG (cond + uncond rows), 1 otherwise
+    info: dict = field(default_factory=dict)
+
+    @property
+    def images_nchw(self) -> torch.Tensor:
+        """The images as a uint8 tensor (N, 3, 32, 32), the evaluator's input."""
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class LoadedModel:
+    """A model folder loaded once, for many ``generate`` calls."""
+
+    kind: str                   # minisd | lcm | pixel-teacher | pixel-cm
+    path: Path
+    samplers: tuple
+    conditional: str            # "text" (prompts or classes), "class" (class labels only) or "none"
+    sd: object = None           # MiniSD (kinds minisd and lcm)
+    net: torch.nn.Module = None  # the network whose calls are the NFE
+    model: object = None        # the LCM student (ConsistencyModel), the pixel EpsUNet or ConsistencyModel
+    schedule: Schedule | None = None
+    device: str = "cpu"
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def _resolve(name_or_path) -> Path:
+    """A shipped name or a path; a missing shipped checkpoint names the command that trains it."""
+    try:
+        return resolve(name_or_path)
+    except CheckpointError as e:
+        how = TRAIN_COMMANDS.get(str(name_or_path))
+        raise CheckpointError(f"{e} Make it with {how}." if how else str(e)) from None
+
+
+def model_kind(path: Path) -> str:
+    """minisd, lcm or pixel: what the folder holds (see the module docstring)."""
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return "minisd"
+    if (path / "unet" / "config.json").exists() and (path / "meta.json").exists():
+        return "lcm"
+    if (path / "state.safetensors").exists() and (path / "config.json").exists():
+        return "pixel"
+    raise CheckpointError(f"{path} is not a model folder minilcm can sample: expected model_index.json (mini-SD), "
+                          "unet/ + meta.json (LCM student) or state.safetensors + config.json (pixel model)")
+
+
+def _pixel_net(cfg: dict):
+    """An EpsUNet built from its saved config (the UNet2DModel's own config, so any size round-trips)."""
+    from diffusers import UNet2DModel
+
+    from .models import EpsUNet
+
+    unet_cfg = {k: v for k, v in cfg["unet"].items() if not k.startswith("_")}
+    return EpsUNet(UNet2DModel.from_config(unet_cfg), cfg.get("num_classes"), cfg.get("size"))
+
+
+def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
+    """Load any of the three kinds of model folder by shipped name or path."""
+    from .minisd import MiniSD, load_lcm_student
+
+    path = _resolve(name_or_path)
+    kind = model_kind(path)
+    if kind == "minisd":
+        sd = MiniSD.load(path, device=device)
+        return LoadedModel("minisd", path, TEACHER_SAMPLERS, "text", sd=sd, net=sd.unet, schedule=sd.schedule,
+                           device=device)
+    if kind == "lcm":
+        meta = json.loads((path / "meta.json").read_text())
+        teacher = meta.get("teacher")
+        if not teacher:
+            raise CheckpointError(f"{path / 'meta.json'} names no \"teacher\": the LCM student needs its teacher's "
+                                  "autoencoder and text encoder")
+        try:
+            sd = MiniSD.load(teacher, device=device)
+        except CheckpointError as e:
+            raise CheckpointError(f"the LCM student in {path} needs its teacher {teacher!r}: {e}") from None
+        student = load_lcm_student(path, device=device)
+        return LoadedModel("lcm", path, ("lcm",), "text", sd=sd, net=student.net, model=student,
+                           schedule=sd.schedule, device=device)
+    from .checkpoints import load_checkpoint, load_model
+
+    meta = load_checkpoint(path)[1]
+    cfg = meta.get("model_config", {})
+    cls = cfg.get("class")
+    if cls == "EpsUNet":
+        model = _pixel_net(cfg)
+        meta = load_model(model, path)
+        schedule = Schedule(meta.get("schedule", "linear"))  # the Chapter 1 recipe's schedule
+        cond = "class" if model.num_classes else "none"
+        return LoadedModel("pixel-teacher", path, TEACHER_SAMPLERS, cond, net=model, model=model.eval().to(device),
+                           schedule=schedule, device=device)
+    if cls == "ConsistencyModel":
+        from .consistency import CMScalings, ConsistencyModel, LCMScalings
+
+        scaling = dict(cfg["scaling"])
+        scaling_cls = {"CMScalings": CMScalings, "LCMScalings": LCMScalings}[scaling.pop("class")]
+        schedule = Schedule(cfg["schedule"])
+        model = ConsistencyModel(_pixel_net(cfg["net"]), schedule, scaling_cls(**scaling), cfg.get("t_min", 0.0))
+        load_model(model, path)
+        # the CD student is distilled from the teacher's null-class (unconditional) model, as Song et al. do
+        return LoadedModel("pixel-cm", path, ("cm",), "none", net=model.net, model=model.eval().to(device),
+                           schedule=schedule, device=device)
+    raise CheckpointError(f"{path}: model_config class {cls!r} is neither EpsUNet nor ConsistencyModel")
+
+
+# ---- conditions ---------------------------------------------------------------------------------------
+def parse_class(c) -> int:
+    """A CIFAR-10 class index (0-9, int or digit string) or name ("cat") -> the index."""
+    if isinstance(c, (int, np.integer)) or (isinstance(c, str) and c.strip().lstrip("-").isdigit()):
+        i = int(c)
+        if not 0 <= i < len(CIFAR10_CLASSES):
+            raise ValueError(f"class index {i} is out of range: CIFAR-10 has classes 0-9 ({', '.join(CIFAR10_CLASSES)})")
+        return i
+    name = str(c).strip().lower()
+    if name not in CIFAR10_CLASSES:
+        raise ValueError(f"unknown class {c!r}; use an index 0-9 or one of: {', '.join(CIFAR10_CLASSES)}")
+    return CIFAR10_CLASSES.index(name)
+
+
+def prompt_label(prompt: str) -> int:
+    """The CIFAR-10 class a prompt names, when exactly one class word appears in it; else -1."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    hits = [i for i, c in enumerate(CIFAR10_CLASSES) if c in words]
+    return hits[0] if len(hits) == 1 else -1
+
+
+def balanced_labels(n: int) -> np.ndarray:
+    """0, 1, ..., 9, 0, 1, ...: every class n // 10 or n // 10 + 1 times."""
+    return np.arange(n, dtype=np.int64) % len(CIFAR10_CLASSES)
+
+
+# ---- timesteps and NFE --------------------------------------------------------------------------------
+def teacher_timesteps(schedule: Schedule, sampler: str, steps: int) -> tuple[torch.Tensor, dict]:
+    """The grid a teacher sampler runs for ``steps`` network evaluations, as ``MiniSD.sample_latents`` does:
+    diffusers' trailing timesteps plus the final step to clean data (NFE = steps); DPM-Solver-2 costs 2 NFE per
+    step, so it gets (steps - 1) // 2 + 1 timesteps."""
+    kw = {}
+    n = steps
+    if sampler == "dpm_solver":
+        kw["order"] = 2
+        n = max(1, (steps - 1) // 2 + 1)
+    return schedule.timesteps(n, "trailing"), kw
+
+
+def cm_steps(schedule: Schedule, steps: int, N: int = 18, t_min: float = 0.0) -> list[float]:
+    """Multistep CM timesteps: ``steps`` times read evenly from the N-interval Karras grid of CD, noisiest first
+    (T-1 alone for one step; two steps give T-1 and the grid's middle, as Chapter 4 uses)."""
+    from .consistency import cm_timesteps
+
+    grid = cm_timesteps(schedule, N, t_min).tolist()  # increasing, grid[N] = T - 1
+    if not 1 <= steps <= N:
+        raise ValueError(f"the consistency model takes 1..{N} steps, got {steps}")
+    return [grid[N - (i * N) // steps] for i in range(steps)]
+
+
+class _CallCounter:
+    """Counts forward calls of a module (each is one network evaluation, whatever its batch)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+def _sample_batch(m: LoadedModel, sampler: str, steps: int, labels: np.ndarray, prompts, w: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, 32, 32) on the CPU for one batch."""
+    if m.kind in ("minisd", "lcm"):
+        student = m.model if m.kind == "lcm" else None
+        kw = {"prompts": prompts} if prompts is not None else {"labels": labels.tolist()}
+        return m.sd.sample(sampler, steps, w=w, student=student, generator=generator, batch=len(labels), **kw)
+    B = len(labels)
+    x = torch.randn((B, 3, 32, 32), generator=generator).to(m.device)
+    if m.kind == "pixel-cm":
+        from .consistency import cm_sample
+
+        return cm_sample(m.model, x, m.schedule, cm_steps(m.schedule, steps, t_min=m.model.t_min),
+                         generator=generator).x.float().cpu().clamp(-1, 1)
+    from .solvers import get_sampler
+
+    ts, kw = teacher_timesteps(m.schedule, sampler, steps)
+    model, cond = m.model, None
+    if m.conditional == "class":
+        from .lcm import ClassConditioning, GuidedEps
+
+        model = GuidedEps(m.model, ClassConditioning(m.model.null_class), w)
+        cond = {"class_labels": torch.as_tensor(labels, dtype=torch.long, device=m.device)}
+    return get_sampler(sampler)(model, x, m.schedule, ts, cond=cond, generator=generator, **kw).x.float().cpu() \
+        .clamp(-1, 1)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=None, prompt: str | None = None,
+             labels=None, seed: int = 0, batch: int = 250, device: str = "cpu", warmup: bool = True) -> Generated:
+    """Sample ``n`` images from ``model`` (a shipped name, a folder path or a ``LoadedModel``) with ``sampler``
+    at ``steps`` network evaluations.
+
+    class_  one CIFAR-10 class (index or name) for all images; ``labels`` an explicit (n,) array of classes;
+            neither: a conditional model samples the classes evenly (0, 1, ..., 9, 0, ...).
+    prompt  free text for the text-conditioned mini-SD / LCM student; the label is the class the prompt names
+            when it names exactly one, else -1.
+    w       guidance in the LCM convention (diffusers guidance_scale = w + 1); ignored by unconditional models.
+    seed    one torch.Generator seeded with it draws every noise: the same seed gives the same x_T for every
+            sampler and model of the same latent shape.
+    warmup  sample one image first (untimed), so that one-off start-up costs stay out of the time per image.
+    """
+    m = model if isinstance(model, LoadedModel) else load_model_folder(model, device=device)
+    if sampler not in m.samplers:
+        raise ValueError(f"sampler {sampler!r} does not fit the {m.kind} model in {m.path}; valid: "
+                         f"{', '.join(m.samplers)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if prompt is not None and (class_ is not None or labels is not None):
+        raise ValueError("give a class or a prompt, not both")
+    if prompt is not None and m.conditional != "text":
+        raise ValueError(f"--prompt needs a text-conditioned model (the mini-SD or its LCM student); the {m.kind} "
+                         f"model in {m.path} is " + ("class-conditional: use --class" if m.conditional == "class"
+                                                     else "unconditional"))
+    if m.conditional == "none" and (class_ is not None or labels is not None):
+        raise ValueError(f"the {m.kind} model in {m.path} is unconditional: it takes no class")
+    prompts = None
+    if prompt is not None:
+        prompts, lab = [prompt] * n, np.full(n, prompt_label(prompt), dtype=np.int64)
+    elif m.conditional == "none":
+        lab = np.full(n, -1, dtype=np.int64)
+    elif labels is not None:
+        lab = np.array([parse_class(c) for c in labels], dtype=np.int64)
+        if len(lab) != n:
+            raise ValueError(f"{len(lab)} labels for n={n} images")
+    elif class_ is not None:
+        lab = np.full(n, parse_class(class_), dtype=np.int64)
+    else:
+        lab = balanced_labels(n)
+    batch = max(1, int(batch))
+
+    if warmup:
+        _sample_batch(m, sampler, min(steps, 2), lab[:1], None if prompts is None else prompts[:1], w,
+                      torch.Generator().manual_seed(seed + 1))
+    g = torch.Generator().manual_seed(seed)
+    counter = _CallCounter(m.net)
+    out, n_batches = [], 0
+    try:
+        _sync(m.device)
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            pr = None if prompts is None else prompts[i:i + batch]
+            out.append(_sample_batch(m, sampler, steps, lab[i:i + batch], pr, w, g))
+            n_batches += 1
+        _sync(m.device)
+        seconds = time.perf_counter() - t0
+    finally:
+        counter.close()
+    x = torch.cat(out)
+    images = to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()
+    rows = 2 if m.kind in ("minisd", "pixel-teacher") and m.conditional != "none" else 1
+    return Generated(images, lab, seconds / n, counter.calls // n_batches, rows,
+                     {"model": str(m.path), "kind": m.kind, "sampler": sampler, "steps": steps, "w": w,
+                      "seed": seed, "batch": batch, "device": str(m.device), "seconds": seconds})

@@ -1,0 +1,206 @@
+"""minilcm.generate, `minilcm sample` and `minilcm bench` on tiny random stand-ins of every model kind (CPU, fast)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minilcm import checkpoints
+from minilcm.bench import BENCH_PLAN, model_benchmark
+from minilcm.cli import main
+from minilcm.generate import (Generated, balanced_labels, generate, load_model_folder, parse_class, prompt_label)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny random models of every kind, saved as the shipped ones are: {"sd", "lcm", "ev", "ddpm", "cd", "unc"}."""
+    from minilcm.consistency import CMScalings, ConsistencyModel
+    from minilcm.evaluator import REFERENCE_STATS, EvaluatorNet, feature_stats, features
+    from minilcm.lcm import lcm_student
+    from minilcm.models import cifar_unet
+    from minilcm.models.sd import tiny_sd_pipeline
+    from minilcm.schedules import Schedule
+
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    pipe = tiny_sd_pipeline(d / "sd")
+    student = lcm_student(pipe.unet, Schedule("scaled_linear"), w_dim=256)
+    student.net.save_pretrained(str(d / "lcm" / "unet"))
+    (d / "lcm" / "meta.json").write_text(json.dumps({"stage": "lcm", "teacher": str(d / "sd")}))
+    ev = EvaluatorNet((8, 16, 16, 16)).eval()
+    checkpoints.save_model(ev, d / "ev")
+    ref = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    mu, sigma = feature_stats(features(ev, ref))
+    np.savez(d / "ev" / REFERENCE_STATS, mu=mu, sigma=sigma)
+    checkpoints.save_model(cifar_unet("tiny", num_classes=10), d / "ddpm", schedule="linear")
+    checkpoints.save_model(ConsistencyModel(cifar_unet("tiny", num_classes=10), Schedule("linear"), CMScalings(0.5)),
+                           d / "cd")
+    checkpoints.save_model(cifar_unet("tiny"), d / "unc")
+    return {k: str(d / k) for k in ("sd", "lcm", "ev", "ddpm", "cd", "unc")}
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny):
+    return {k: load_model_folder(tiny[k]) for k in ("sd", "lcm", "ddpm", "cd", "unc")}
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+def test_labels_classes_and_prompts():
+    assert np.bincount(balanced_labels(25), minlength=10).tolist() == [3] * 5 + [2] * 5
+    assert parse_class("cat") == parse_class("3") == parse_class(3) == 3
+    assert parse_class(" Truck ") == 9
+    with pytest.raises(ValueError, match="airplane, automobile"):
+        parse_class("zebra")
+    with pytest.raises(ValueError, match="out of range"):
+        parse_class(10)
+    assert prompt_label("a photo of a cat") == 3
+    assert prompt_label("A SHIP at sea") == 8
+    assert prompt_label("a cat and a dog") == -1 and prompt_label("a photo of a zebra") == -1
+    assert prompt_label("a category") == -1  # whole words only
+
+
+# ---- generate() for each kind -----------------------------------------------------------------------------
+@pytest.mark.parametrize("key,sampler,steps,nfe,rows", [
+    ("sd", "ddim", 3, 3, 2), ("sd", "dpm_solver_pp", 3, 3, 2), ("sd", "dpm_solver", 5, 5, 2), ("sd", "ddpm", 2, 2, 2),
+    ("lcm", "lcm", 2, 2, 1), ("ddpm", "ddim", 2, 2, 2), ("ddpm", "dpm_solver_pp", 2, 2, 2), ("cd", "cm", 2, 2, 1),
+    ("unc", "ddim", 2, 2, 1)])
+def test_generate_each_kind(loaded, key, sampler, steps, nfe, rows):
+    out = generate(loaded[key], sampler, steps, 5, batch=3, seed=1)
+    assert isinstance(out, Generated)
+    assert out.images.shape == (5, 32, 32, 3) and out.images.dtype == np.uint8
+    assert out.labels.dtype == np.int64 and out.labels.shape == (5,)
+    expect = [-1] * 5 if key in ("cd", "unc") else [0, 1, 2, 3, 4]
+    assert out.labels.tolist() == expect
+    assert (out.nfe, out.rows_per_eval) == (nfe, rows)  # counted calls of the network, per batch
+    assert out.seconds_per_image > 0
+    again = generate(loaded[key], sampler, steps, 5, batch=3, seed=1, warmup=False)
+    np.testing.assert_array_equal(out.images, again.images)  # the seed fixes everything
+
+
+def test_generate_conditions(loaded, tiny):
+    g = generate(loaded["sd"], "ddim", 2, 4, prompt="a picture of a frog", warmup=False)
+    assert g.labels.tolist() == [6] * 4
+    assert generate(loaded["lcm"], "lcm", 1, 3, class_="horse", warmup=False).labels.tolist() == [7] * 3
+    assert generate(loaded["ddpm"], "ddim", 1, 3, labels=[1, "cat", 9], warmup=False).labels.tolist() == [1, 3, 9]
+    # w changes the guided teacher's samples; loading by path works as well as a LoadedModel
+    a = generate(tiny["sd"], "ddim", 2, 2, w=0.0, warmup=False).images
+    b = generate(loaded["sd"], "ddim", 2, 2, w=3.0, warmup=False).images
+    assert not np.array_equal(a, b)
+
+
+def test_generate_errors(loaded):
+    with pytest.raises(ValueError, match="valid: ddpm, ddim, dpm_solver, dpm_solver_pp"):
+        generate(loaded["sd"], "cm", 2, 2)
+    with pytest.raises(ValueError, match="valid: lcm"):
+        generate(loaded["lcm"], "ddim", 2, 2)
+    with pytest.raises(ValueError, match="class-conditional: use --class"):
+        generate(loaded["ddpm"], "ddim", 2, 2, prompt="a cat")
+    with pytest.raises(ValueError, match="unconditional"):
+        generate(loaded["cd"], "cm", 1, 2, class_=3)
+    with pytest.raises(ValueError, match="unknown class"):
+        generate(loaded["sd"], "ddim", 2, 2, class_="unicorn")
+
+
+def test_missing_checkpoint_names_the_training_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="minilcm train minisd"):
+        load_model_folder("minisd-cifar10")
+    with pytest.raises(checkpoints.CheckpointError, match="minilcm train lcm"):
+        load_model_folder("lcm-cifar10")
+
+
+# ---- minilcm sample -----------------------------------------------------------------------------------------
+def test_sample_cli_end_to_end(tiny, tmp_path, capsys):
+    out = tmp_path / "s" / "imgs.npz"
+    rc = main(["sample", "--model", tiny["sd"], "--sampler", "dpm_solver_pp", "--steps", "3", "--guidance", "1.5",
+               "--n", "20", "--seed", "3", "--batch", "8", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    z = np.load(out)
+    assert sorted(z.files) == ["images", "labels"]
+    assert z["images"].dtype == np.uint8 and z["images"].shape == (20, 32, 32, 3)
+    assert np.issubdtype(z["labels"].dtype, np.integer)
+    assert np.bincount(z["labels"], minlength=10).tolist() == [2] * 10  # classes evenly spread
+    assert out.with_suffix(".png").exists()
+    assert "wall time per image" in capsys.readouterr().out
+
+
+def test_sample_cli_class_prompt_and_student(tiny, tmp_path):
+    cases = [(["--model", tiny["lcm"], "--sampler", "lcm", "--steps", "2", "--class", "cat"], [3] * 3),
+             (["--model", tiny["sd"], "--sampler", "ddim", "--steps", "2", "--class", "8"], [8] * 3),
+             (["--model", tiny["sd"], "--sampler", "ddim", "--steps", "2", "--prompt", "a photo of a dog"], [5] * 3),
+             (["--model", tiny["sd"], "--sampler", "ddim", "--steps", "2", "--prompt", "a blurry cat or dog"], [-1] * 3),
+             (["--model", tiny["cd"], "--sampler", "cm", "--steps", "1"], [-1] * 3)]
+    for i, (args, labels) in enumerate(cases):
+        out = tmp_path / f"{i}.npz"
+        assert main(["sample", *args, "--n", "3", "--out", str(out)]) == 0
+        assert np.load(out)["labels"].tolist() == labels
+
+
+def test_sample_cli_errors(tiny, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "x.npz")
+    base = ["sample", "--steps", "2", "--n", "2", "--out", out]
+    assert main([*base, "--model", tiny["sd"], "--sampler", "lcm"]) == 2
+    assert "valid: ddpm, ddim, dpm_solver, dpm_solver_pp" in capsys.readouterr().err
+    assert main([*base, "--model", tiny["ddpm"], "--sampler", "ddim", "--prompt", "a cat"]) == 2
+    assert "--prompt needs a text-conditioned model" in capsys.readouterr().err
+    assert main([*base, "--model", tiny["sd"], "--sampler", "ddim", "--class", "zebra"]) == 2
+    assert "unknown class 'zebra'" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", tmp_path / "none")
+    assert main([*base, "--model", "lcm-cifar10", "--sampler", "lcm"]) == 2
+    assert "minilcm train lcm" in capsys.readouterr().err
+    for bad in (["--sampler", "euler"], ["--sampler", "ddim", "--class", "1", "--prompt", "a cat"]):
+        with pytest.raises(SystemExit):  # argparse: invalid choice, mutually exclusive options
+            main([*base, "--model", tiny["sd"], *bad])
+    assert not Path(out).exists()
+
+
+def test_sample_cli_as_a_program(tiny, tmp_path):
+    """Other tools drive `minilcm sample` as a program: python -m minilcm.cli sample ..."""
+    out = tmp_path / "p.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "minilcm.cli", "sample", "--model", tiny["lcm"], "--sampler", "lcm",
+                        "--steps", "4", "--n", "10", "--out", str(out)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wall time per image" in r.stdout and "(4 NFE" in r.stdout
+    assert np.load(out)["labels"].tolist() == list(range(10))
+
+
+# ---- minilcm bench -------------------------------------------------------------------------------------
+def test_bench_on_tiny_models(tiny, tmp_path):
+    ref = (torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10))
+    res = model_benchmark(10, 1.0, tmp_path / "bench", minisd=tiny["sd"], lcm=tiny["lcm"], evaluator=tiny["ev"],
+                          pixel_teacher=tiny["ddpm"], pixel_cm=tiny["cd"], reference=ref, batch=10, progress=False)
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / "bench" / f"bench.{ext}").stat().st_size > 0
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]
+    want = [(role, s, k) for role, plan in BENCH_PLAN.items() for s, steps in plan for k in steps]
+    got = [(r["model"], r["sampler"], r["steps"]) for r in rows if r["sampler"] != "reference"]
+    assert got == want  # every sampler at every step count on every model, in order
+    for r in rows:
+        assert np.isfinite(r["fd_clf"]) and r["fd_clf"] >= 0 and r["n"] == 10
+        if r["sampler"] != "reference":
+            assert r["nfe"] == r["steps"] and r["sec_per_image"] > 0
+            assert r["rows_per_eval"] == (2 if r["model"] in ("mini-SD teacher", "pixel DDPM teacher") else 1)
+            assert (r["class_acc"] is None) == (r["model"] == "CD student")
+    assert [r["model"] for r in rows if r["sampler"] == "reference"] == ["CIFAR-10 test images", "VAE reconstruction"]
+    assert set(res["checks"]) == {"lcm4_fd_ratio", "lcm4_speedup", "lcm2_fd_ratio", "lcm4_beats_ddim4"}
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert res["header"]["date"][:4] in md and "cpu" in md and "| LCM student | lcm | 4 | 4 | 1 |" in md
+
+
+def test_bench_cli_skips_what_is_missing(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINILCM_CIFAR", str(tmp_path / "no-cifar.tar.gz"))
+    out = tmp_path / "b"
+    rc = main(["bench", "--n", "4", "--out", str(out), "--minisd", tiny["sd"], "--lcm", tiny["lcm"],
+               "--evaluator", tiny["ev"], "--ddpm", str(tmp_path / "nope"), "--cd", str(tmp_path / "nope")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "pixel DDPM teacher" in text and "skipped" in text and "reference rows skipped" in text
+    assert len(json.loads((out / "bench.json").read_text())["rows"]) == 10  # 7 teacher rows + 3 student rows
