@@ -154,15 +154,9 @@ class ModelBenchRow:
 
 
 def _hardware(device) -> str:
-    import platform
+    from .profiles import hardware
 
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(dev)}"
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    return f"cpu: {cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    return hardware(device)
 
 
 def _reference_images(n: int):

@@ -33,6 +33,7 @@ import torch
 from .checkpoints import CheckpointError, resolve
 from .datasets import CIFAR10_CLASSES, to_uint8
 from .schedules import Schedule
+from .solvers import teacher_timesteps
 
 TEACHER_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_pp")
 ALL_SAMPLERS = TEACHER_SAMPLERS + ("cm", "lcm")
@@ -187,18 +188,6 @@ def balanced_labels(n: int) -> np.ndarray:
 
 
 # ---- timesteps and NFE --------------------------------------------------------------------------------
-def teacher_timesteps(schedule: Schedule, sampler: str, steps: int) -> tuple[torch.Tensor, dict]:
-    """The grid a teacher sampler runs for ``steps`` network evaluations, as ``MiniSD.sample_latents`` does:
-    diffusers' trailing timesteps plus the final step to clean data (NFE = steps); DPM-Solver-2 costs 2 NFE per
-    step, so it gets (steps - 1) // 2 + 1 timesteps."""
-    kw = {}
-    n = steps
-    if sampler == "dpm_solver":
-        kw["order"] = 2
-        n = max(1, (steps - 1) // 2 + 1)
-    return schedule.timesteps(n, "trailing"), kw
-
-
 def cm_steps(schedule: Schedule, steps: int, N: int = 18, t_min: float = 0.0) -> list[float]:
     """Multistep CM timesteps: ``steps`` times read evenly from the N-interval Karras grid of CD, noisiest first
     (T-1 alone for one step; two steps give T-1 and the grid's middle, as Chapter 4 uses)."""

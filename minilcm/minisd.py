@@ -22,7 +22,7 @@ from .datasets import CIFAR10_CLASSES
 from .lcm import GuidedEps, TextConditioning, lcm_sample, lcm_timesteps
 from .models.sd import CAPTION_TEMPLATES
 from .schedules import Schedule
-from .solvers import get_sampler
+from .solvers import get_sampler, teacher_timesteps
 
 MINISD_NAME, LCM_NAME = "minisd-cifar10", "lcm-cifar10"
 TEACHER_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_pp")
@@ -107,12 +107,7 @@ class MiniSD:
             raise ValueError(f"unknown sampler {sampler!r} for the mini-SD; choose one of "
                              f"{', '.join(TEACHER_SAMPLERS + ('lcm',))}")
         fn = get_sampler(sampler)
-        kw = {}
-        n = steps
-        if sampler == "dpm_solver":
-            kw["order"] = 2
-            n = max(1, (steps - 1) // 2 + 1)
-        ts = self.schedule.timesteps(n, "trailing")
+        ts, kw = teacher_timesteps(self.schedule, sampler, steps)
         if sampler == "ddpm":
             return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator).x
         return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator, **kw).x

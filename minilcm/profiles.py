@@ -32,3 +32,21 @@ PROFILE = current()
 def pick(fast, cpu, gpu=None):
     """The value for the active profile (``gpu`` defaults to ``cpu``)."""
     return {"fast": fast, "cpu": cpu, "gpu": cpu if gpu is None else gpu}[current()]
+
+
+def hardware(device="cpu") -> str:
+    """The machine a number was measured on: the GPU's name, or the CPU's model, cores and torch threads."""
+    import platform
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"

@@ -270,3 +270,15 @@ def timesteps_for_nfe(schedule: Schedule, nfe: int, sampler="ddim", *, spacing: 
     if steps < 1:
         raise ValueError(f"{nfe} NFE is not enough for one step of {k} evaluations plus the final denoising")
     return spaced_timesteps(schedule, steps + 1, spacing, t_min=t_min)
+
+
+def teacher_timesteps(schedule: Schedule, sampler: str, steps: int) -> tuple[torch.Tensor, dict]:
+    """The grid a teacher sampler runs for ``steps`` network evaluations, used by ``minisd`` and ``generate``:
+    diffusers' trailing timesteps plus the final step to clean data (NFE = steps); DPM-Solver-2 costs 2 NFE per
+    step, so it gets (steps - 1) // 2 + 1 timesteps."""
+    kw = {}
+    n = steps
+    if sampler == "dpm_solver":
+        kw["order"] = 2
+        n = max(1, (steps - 1) // 2 + 1)
+    return schedule.timesteps(n, "trailing"), kw

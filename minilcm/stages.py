@@ -13,7 +13,6 @@ the course ships when no GPU was available (named as such in the metadata); ``fa
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -33,10 +32,9 @@ def provenance(seconds: float, device) -> dict:
                                     text=True, cwd=Path(__file__).parent).stdout.strip())
     except OSError:
         commit, dirty = None, None
-    dev = torch.device(device)
-    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {"git_commit": commit, "git_dirty": dirty, "hardware": f"{dev.type}: {hw}",
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "profile": current(),
+    from .profiles import hardware
+
+    return {"git_commit": commit, "git_dirty": dirty, "hardware": hardware(device), "torch": torch.__version__, "profile": current(),
             "wall_seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d")}
 
 
