@@ -193,6 +193,12 @@ class ImageSet:
     def __getitem__(self, idx):
         return to_float(self.images[idx]), self.labels[idx]
 
+    def subset(self, n: int, seed: int = 0) -> "ImageSet":
+        """n images drawn without replacement (seeded). The JPEG archive is sorted by class: the first n images are
+        one or two classes, never a sample of the data set."""
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+
     def __call__(self, n: int, generator=None):
         """Batch source for ``minilcm.train``: n random images (with replacement) and their labels."""
         idx = torch.randint(0, len(self), (n,), generator=generator)

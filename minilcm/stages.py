@@ -78,7 +78,7 @@ def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress
                              for k, v in best.state_dict().items()})
     acc = accuracy(shipped, test_set.images, test_set.labels)
     mu, sigma = feature_stats(features(shipped, test_set.images))
-    mu_tr, sigma_tr = feature_stats(features(shipped, train_set.images[:10_000]))
+    mu_tr, sigma_tr = feature_stats(features(shipped, train_set.subset(10_000).images))
     from .metrics import frechet_distance
 
     fd_train_test = frechet_distance(mu_tr, sigma_tr, mu, sigma)
@@ -127,10 +127,10 @@ def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progre
     seconds = time.perf_counter() - t0
     vae = res.ema.float().to(memory_format=torch.contiguous_format)
     vae = vae.to(torch.float16).float()  # measure what ships (fp16 weights)
-    z = encode(vae, train_set.images[:10_000])
+    z = encode(vae, train_set.subset(10_000).images)  # a random subset: the archive is sorted by class
     sf = measure_scaling_factor(z)
     vae.register_to_config(scaling_factor=sf)
-    x = test_set.images[:2000]
+    x = test_set.subset(2000).images
     rec = decode(vae, encode(vae, x))
     mse = ((rec.clamp(-1, 1) - (x.float() / 127.5 - 1)) ** 2).mean().item()
     psnr = 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # peak-to-peak 2 on [-1, 1]
@@ -195,11 +195,13 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     if cache.exists():
         z = torch.load(cache)
     else:
-        z = torch.cat([encode(vae, train_set.images[:n], scaling_factor=sf),
-                       encode(vae, train_set.images[:n], scaling_factor=sf, flip=True)])  # hflip augmentation
+        part = train_set.subset(n) if n < len(train_set) else train_set
+        z = torch.cat([encode(vae, part.images, scaling_factor=sf),
+                       encode(vae, part.images, scaling_factor=sf, flip=True)])  # hflip augmentation
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(z, cache)
-    data = LatentSet(z, train_set.labels[:n].repeat(2), caps)
+    part = train_set.subset(n) if n < len(train_set) else train_set
+    data = LatentSet(z, part.labels.repeat(2), caps)
     unet = minisd_unet(size, cross_attention_dim=te.config.hidden_size,
                        sample_size=z.shape[-1])
     schedule = Schedule("scaled_linear")
@@ -243,14 +245,15 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
     sd = MiniSD.load(teacher, device="cpu")
     train_set = cifar10("train")
     n = pick(fast=64, cpu=len(train_set), gpu=len(train_set))
+    part = train_set.subset(n) if n < len(train_set) else train_set
     cache = Path(f"runs/minisd-latents-{n}.pt")
     if cache.exists():
         z = torch.load(cache)
     else:
-        z = torch.cat([sd.encode(train_set.images[:n]), sd.encode(train_set.images[:n].flip(3))])
+        z = torch.cat([sd.encode(part.images), sd.encode(part.images.flip(3))])
     prompts = [t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES]
     caps = sd.embed(prompts).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
-    data = LatentSet(z, train_set.labels[:n].repeat(2), caps)
+    data = LatentSet(z, part.labels.repeat(2), caps)
     w_min, w_max, k = 0.0, 4.0, 20
     student = lcm_student(sd.unet, sd.schedule, w_dim=256)
     loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,

@@ -177,3 +177,14 @@ def test_missing_checkpoints_name_the_command(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(CheckpointError, match="minilcm train lcm"):
         load_lcm_student(tmp_path / "half")
+
+
+def test_subset_samples_across_a_class_sorted_set():
+    """The JPEG archive is sorted by class: a subset must be random, not the first n rows."""
+    from minilcm.datasets import ImageSet
+
+    sorted_set = ImageSet(torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), torch.arange(1000) // 100)
+    sub = sorted_set.subset(100)
+    assert len(sub) == 100 and len(set(sub.labels.tolist())) == 10
+    assert torch.equal(sub.labels, sorted_set.subset(100).labels)  # seeded
+    assert len(set(sorted_set.subset(1000).labels.tolist())) == 10 and len(sorted_set.subset(1000)) == 1000
