@@ -20,7 +20,7 @@ from .checkpoints import CheckpointError, resolve
 from .consistency import ConsistencyModel, LCMScalings
 from .datasets import CIFAR10_CLASSES
 from .lcm import GuidedEps, TextConditioning, lcm_sample, lcm_timesteps
-from .models.sd import CAPTION_TEMPLATES
+from .models.sd import CAPTION_TEMPLATES, encode_prompts
 from .schedules import Schedule
 from .solvers import get_sampler, teacher_timesteps
 
@@ -62,9 +62,7 @@ class MiniSD:
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder states (B, L, D) of prompts, padded to the tokenizer's max length as Stable Diffusion does."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0].float()
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
     def prompts(self, labels, template: int = 0) -> list[str]:
         """The course captions of CIFAR-10 class indices ("a photo of a cat")."""
@@ -108,8 +106,6 @@ class MiniSD:
                              f"{', '.join(TEACHER_SAMPLERS + ('lcm',))}")
         fn = get_sampler(sampler)
         ts, kw = teacher_timesteps(self.schedule, sampler, steps)
-        if sampler == "ddpm":
-            return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator).x
         return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator, **kw).x
 
     def sample(self, sampler: str, steps: int, labels=None, prompts=None, w: float = 1.0, *, student=None,

@@ -34,7 +34,8 @@ def provenance(seconds: float, device) -> dict:
         commit, dirty = None, None
     from .profiles import hardware
 
-    return {"git_commit": commit, "git_dirty": dirty, "hardware": hardware(device), "torch": torch.__version__, "profile": current(),
+    return {"git_commit": commit, "git_dirty": dirty, "hardware": hardware(device), "torch": torch.__version__,
+            "profile": current(),
             "wall_seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -152,14 +153,6 @@ def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progre
     return meta
 
 
-def caption_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states (N, L, D) of prompts, padded to the tokenizer's max length (as SD does)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        return text_encoder(ids.to(text_encoder.device))[0].float().cpu()
-
-
 def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Train the mini-SD teacher: a UNet2DConditionModel on the autoencoder's CIFAR-10 latents, conditioned on
     class captions through a frozen, randomly initialised CLIP text encoder, with 10% caption dropout (CFG).
@@ -170,8 +163,8 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     from .diffusion import DenoisingLoss
     from .latents import LatentSet, encode
     from .lcm import TextConditioning
-    from .models.sd import (CAPTION_TEMPLATES, assemble_pipeline, build_tokenizer, minisd_unet, sd_scheduler,
-                            tiny_text_encoder)
+    from .models.sd import (CAPTION_TEMPLATES, assemble_pipeline, build_tokenizer, class_caption_table,
+                            encode_prompts, minisd_unet, sd_scheduler, tiny_text_encoder)
     from .schedules import Schedule
     from .train import TrainConfig, train
 
@@ -182,10 +175,9 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     sf = vae.config.scaling_factor
     tok = build_tokenizer()
     te = tiny_text_encoder(tok, hidden=64, seed=0)  # frozen at its random initialisation (see Chapter 5)
-    prompts = [t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES]
-    caps = caption_embeddings(tok, te, prompts).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES),
-                                                        tok.model_max_length, -1)  # (10, 4, L, D)
-    empty = caption_embeddings(tok, te, [""])[0]
+    caps = encode_prompts(tok, te, class_caption_table())
+    caps = caps.reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *caps.shape[1:])  # (10, 4, L, D)
+    empty = encode_prompts(tok, te, [""])[0]
     size = pick(fast="tiny", cpu="mini", gpu="mini")
     steps = pick(fast=3, cpu=3500, gpu=60_000)
     batch = pick(fast=8, cpu=128, gpu=256)
@@ -239,7 +231,7 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
     from .latents import LatentSet
     from .lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
     from .minisd import MiniSD
-    from .models.sd import CAPTION_TEMPLATES, sd_scheduler
+    from .models.sd import CAPTION_TEMPLATES, class_caption_table, sd_scheduler
     from .train import TrainConfig, train
 
     sd = MiniSD.load(teacher, device="cpu")
@@ -251,8 +243,7 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
         z = torch.load(cache)
     else:
         z = torch.cat([sd.encode(part.images), sd.encode(part.images.flip(3))])
-    prompts = [t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES]
-    caps = sd.embed(prompts).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
+    caps = sd.embed(class_caption_table()).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
     data = LatentSet(z, part.labels.repeat(2), caps)
     w_min, w_max, k = 0.0, 4.0, 20
     student = lcm_student(sd.unet, sd.schedule, w_dim=256)

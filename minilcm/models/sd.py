@@ -28,6 +28,19 @@ def caption(class_index: int, template: int = 0) -> str:
     return CAPTION_TEMPLATES[template].format(CIFAR10_CLASSES[class_index])
 
 
+def class_caption_table() -> list[str]:
+    """Every class's caption under every template, class-major: reshape embeddings to (10, templates, L, D)."""
+    return [t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES]
+
+
+def encode_prompts(tokenizer, text_encoder, prompts) -> torch.Tensor:
+    """Text-encoder states (B, L, D) of prompts, padded to the tokenizer's max length as Stable Diffusion does."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode characters (the BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

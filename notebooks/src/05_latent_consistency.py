@@ -203,13 +203,13 @@ print("fresh student: same output for w = 0 and w = 3 ->", torch.equal(a, b))
 # %%
 from minilcm.latents import LatentSet
 from minilcm.lcm import LatentConsistencyDistillation, TextConditioning
-from minilcm.models.sd import CAPTION_TEMPLATES
+from minilcm.models.sd import CAPTION_TEMPLATES, class_caption_table
 from minilcm.train import TrainConfig, train
 
 n_lat = pick(fast=256, cpu=2000, gpu=20000)
 train_set = cifar10("train").subset(n_lat)
 latents = sd.encode(train_set.images)
-caps = sd.embed([t.format(c) for c in CIFAR10_CLASSES for t in CAPTION_TEMPLATES])
+caps = sd.embed(class_caption_table())  # every class x every caption template
 caps = caps.reshape(10, len(CAPTION_TEMPLATES), *sd.empty.shape)  # (10 classes, templates, L, D)
 data = LatentSet(latents, train_set.labels, caps)
 
