@@ -56,7 +56,7 @@ def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress
     from .train import TrainConfig, train
 
     widths = pick(fast=(8, 16, 16, 16), cpu=(64, 128, 256, 256), gpu=(64, 128, 256, 256))
-    epochs = pick(fast=0.02, cpu=10, gpu=20)
+    epochs = pick(fast=0.02, cpu=15, gpu=20)
     batch = 256
     steps = max(2, int(epochs * 50_000 / batch))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=pick(fast=2e-3, cpu=3e-3, gpu=3e-3), weight_decay=5e-2,
