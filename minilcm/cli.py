@@ -3,7 +3,7 @@
     minilcm demo [--out runs/demo] [--steps 3000]      the newcomer's first run (under a minute on a CPU)
     minilcm sample --model NAME_OR_PATH --sampler S --steps N --n N --out FILE.npz [...]   images from a checkpoint
     minilcm bench [--n N] [--w W] [--out runs/bench]   every sampler at every NFE on the shipped models, one table
-    minilcm train {evaluator,autoencoder,minisd,lcm}   one stage of the shipped checkpoints (minilcm.stages)
+    minilcm train {evaluator,autoencoder,minisd,lcm,ddpm,cd}   one stage of the shipped checkpoints (minilcm.stages)
     minilcm sd-distill TEACHER DATA OUT [--mode full|lora ...]   LCD / LCM-LoRA of a Stable Diffusion (Chapter 6)
 """
 from __future__ import annotations
@@ -88,12 +88,19 @@ def train_stage(args) -> int:
     from . import stages
 
     fn = {"evaluator": stages.train_evaluator, "autoencoder": stages.train_autoencoder,
-          "minisd": stages.train_minisd, "lcm": stages.train_lcm}.get(args.stage)
+          "minisd": stages.train_minisd, "lcm": stages.train_lcm, "ddpm": stages.train_ddpm,
+          "cd": stages.train_cd}.get(args.stage)
     if fn is None:
         print(f"unknown stage {args.stage!r}", file=sys.stderr)
         return 2
-    kw = {"teacher": args.teacher} if args.stage == "lcm" and args.teacher else {}
-    meta = fn(out=args.out, device=args.device, **kw)
+    kw = {"teacher": args.teacher} if args.stage in ("lcm", "cd") and args.teacher else {}
+    from .checkpoints import CheckpointError
+
+    try:
+        meta = fn(out=args.out, device=args.device, **kw)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        print(f"minilcm train {args.stage}: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(meta.get("metrics", {}), indent=1))
     return 0
 
@@ -180,10 +187,10 @@ def main(argv=None) -> int:
     d.add_argument("--n", type=int, default=2000, help="number of samples")
     d.set_defaults(fn=demo)
     t = sub.add_parser("train", help="train one stage of the shipped checkpoints (see minilcm.stages)")
-    t.add_argument("stage", choices=["evaluator", "autoencoder", "minisd", "lcm"])
+    t.add_argument("stage", choices=["evaluator", "autoencoder", "minisd", "lcm", "ddpm", "cd"])
     t.add_argument("--out", default=None, help="export folder (default: data/checkpoints/<name>)")
     t.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    t.add_argument("--teacher", default=None, help="lcm stage: the mini-SD folder to distil (default: shipped)")
+    t.add_argument("--teacher", default=None, help="lcm / cd stage: the teacher folder to distil (default: the shipped mini-SD / ddpm-cifar10)")
     t.set_defaults(fn=train_stage)
     s = sub.add_parser("sample", help="sample images from a checkpoint into FILE.npz (+ FILE.png)",
                        description="Sample images from a shipped checkpoint or a folder (see minilcm.generate). "

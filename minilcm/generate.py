@@ -42,8 +42,8 @@ TRAIN_COMMANDS = {
     "minisd-cifar10": "`minilcm train autoencoder` then `minilcm train minisd`",
     "lcm-cifar10": "`minilcm train lcm` (after the mini-SD teacher)",
     "evaluator-cifar10": "`minilcm train evaluator`",
-    "ddpm-cifar10": "minilcm.recipes.cifar_teacher() on a GPU, exported with checkpoints.save_model",
-    "cd-cifar10": "minilcm.recipes.cifar_cd_student() on a GPU, exported with checkpoints.save_model",
+    "ddpm-cifar10": "`minilcm train ddpm`",
+    "cd-cifar10": "`minilcm train cd` (after the DDPM teacher)",
 }
 
 

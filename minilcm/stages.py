@@ -4,6 +4,8 @@
     autoencoder  the mini-SD AutoencoderKL (f = 4: 32x32x3 -> 8x8x4)            -> .../minisd-cifar10 (vae/)
     minisd       the mini-SD text-conditioned latent UNet teacher               -> .../minisd-cifar10 (unet/, ...)
     lcm          the LCM student distilled from it (w-conditioned)              -> .../lcm-cifar10
+    ddpm         the Chapters 1-4 pixel DDPM teacher (class-conditional, CFG)  -> .../ddpm-cifar10
+    cd           its consistency-distilled one-/two-step student (Chapter 4)    -> .../cd-cifar10
 
 Each stage trains in ``runs/<stage>`` (resumable: rerun the same command after an interruption) and exports
 fp16 weights with a ``meta.json``: config, steps, images seen, wall time, hardware, metrics and the git commit.
@@ -266,5 +268,88 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
             "w_dim": 256, "distance": "pseudo_huber", "steps": steps, "images_seen": steps * batch,
             "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 6),
             **provenance(seconds, device)}
+    write_meta(out, meta)
+    return meta
+
+
+# ---- stages 5-6: the pixel-space CIFAR-10 models of Chapters 1-4 ------------------------------------------
+def _sample_metrics(folder: Path, runs: list[tuple[str, int]], n: int, w: float, device: str) -> dict:
+    """FD-clf (and class accuracy when conditional) of ``n`` samples per (sampler, steps), when the evaluator
+    exists; the numbers ``minilcm bench`` measures in full."""
+    from .evaluator import Evaluator
+    from .generate import generate, load_model_folder
+
+    try:
+        ev = Evaluator.load(device=device)
+    except Exception as e:  # the evaluator stage has not run yet
+        return {"not_measured": f"no evaluator ({type(e).__name__}): run `minilcm train evaluator`"}
+    m = load_model_folder(folder, device=device)
+    out = {}
+    for sampler, steps in runs:
+        g = generate(m, sampler, steps, n, w=w, seed=0, device=device)
+        key = f"{sampler}{steps}"
+        out[f"fd_clf_{key}_n{n}"] = round(ev.fd(g.images_nchw), 2)
+        if m.conditional != "none":
+            out[f"class_acc_{key}_w{w:g}"] = round(ev.class_accuracy(g.images_nchw, torch.from_numpy(g.labels)), 4)
+        out[f"sec_per_image_{key}"] = round(g.seconds_per_image, 5)
+    return out
+
+
+def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Train the Chapters 1-4 pixel DDPM teacher (``recipes.cifar_teacher``: a class-conditional eps-UNet2DModel,
+    10% null-class dropout for CFG, linear schedule, hflip) and export its EMA weights in fp16 as ``ddpm-cifar10``."""
+    from .recipes import TEACHER_NAME, CifarTeacherRecipe, cifar_teacher
+
+    recipe = CifarTeacherRecipe(
+        size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=3, cpu=7000, gpu=40_000),
+        batch_size=pick(fast=8, cpu=64, gpu=128), lr=pick(fast=1e-3, cpu=1e-3, gpu=2e-4),
+        warmup_steps=pick(fast=0, cpu=200, gpu=1000), ema_decay=pick(fast=0.9, cpu=0.999, gpu=0.9999),
+        lr_decay=pick(fast="none", cpu="cosine", gpu="none"), amp=True)
+    t0 = time.perf_counter()
+    model, info = cifar_teacher(recipe, use_shipped=False, device=device, progress=progress,
+                                ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}")
+    seconds = time.perf_counter() - t0
+    out = Path(out) if out else SHIPPED_DIR / TEACHER_NAME
+    losses = info["losses"]
+    meta = {"stage": "ddpm", "schedule": recipe.schedule, "recipe": {k: v for k, v in vars(recipe).items()},
+            "params": sum(p.numel() for p in model.parameters()), "steps": recipe.steps,
+            "images_seen": recipe.steps * recipe.batch_size,
+            "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **provenance(seconds, device)}
+    save_model(model.cpu(), out, **meta)
+    meta["metrics"] = _sample_metrics(out, [("dpm_solver_pp", 25), ("ddim", 25)], pick(fast=8, cpu=1000, gpu=2000),
+                                      1.0, device)
+    save_model(model.cpu(), out, **meta)
+    write_meta(out, meta)
+    return meta
+
+
+def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
+             teacher: str | Path = "ddpm-cifar10") -> dict:
+    """Consistency-distil the pixel DDPM teacher (``recipes.cifar_cd_student``: Heun on the N = 18 Karras grid,
+    mu = 0.95, pseudo-Huber; the teacher's null-class model, as Song et al. 2023 distil unconditionally) and export
+    the student's EMA weights in fp16 as ``cd-cifar10``."""
+    from .generate import load_model_folder
+    from .recipes import CD_NAME, CifarCDRecipe, cifar_cd_student
+
+    t = load_model_folder(teacher, device=device)
+    if t.kind != "pixel-teacher":
+        raise ValueError(f"{teacher} holds a {t.kind} model; `minilcm train cd` distils a pixel DDPM teacher "
+                         "(`minilcm train ddpm` makes one)")
+    recipe = CifarCDRecipe(
+        steps=pick(fast=2, cpu=1500, gpu=20_000), batch_size=pick(fast=4, cpu=32, gpu=256),
+        times_per_batch=pick(fast=2, cpu=4, gpu=8), lr=pick(fast=1e-4, cpu=1e-4, gpu=4e-4),
+        ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.9999))
+    t0 = time.perf_counter()
+    student, info = cifar_cd_student(recipe, teacher=t.model.float(), use_shipped=False, device=device,
+                                     progress=progress, ckpt_dir=f"runs/cd-{recipe.steps}")
+    seconds = time.perf_counter() - t0
+    out = Path(out) if out else SHIPPED_DIR / CD_NAME
+    losses = info["losses"]
+    meta = {"stage": "cd", "teacher": str(teacher), "recipe": {k: v for k, v in vars(recipe).items()},
+            "steps": recipe.steps, "images_seen": recipe.steps * recipe.batch_size,
+            "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 6), **provenance(seconds, device)}
+    save_model(student.cpu(), out, **meta)
+    meta["metrics"] = _sample_metrics(out, [("cm", 1), ("cm", 2)], pick(fast=8, cpu=1000, gpu=2000), 0.0, device)
+    save_model(student.cpu(), out, **meta)
     write_meta(out, meta)
     return meta

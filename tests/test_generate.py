@@ -204,3 +204,29 @@ def test_bench_cli_skips_what_is_missing(tiny, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "pixel DDPM teacher" in text and "skipped" in text and "reference rows skipped" in text
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == 10  # 7 teacher rows + 3 student rows
+
+
+# ---- the pixel stages of the recipe, in the fast profile ------------------------------------------------------
+def test_pixel_stages_train_export_and_sample(tmp_path, cifar_archive):
+    """``minilcm train ddpm`` then ``minilcm train cd --teacher`` (fast profile): both export folders that
+    ``minilcm sample`` reads, with the metadata the checkpoints issue asks for (steps, images seen, wall time,
+    hardware, git commit, metrics)."""
+    env = {**os.environ, "MINILCM_PROFILE": "fast", "MINILCM_CIFAR": str(cifar_archive),
+           "MINILCM_CACHE": str(ROOT / "data" / "cache"), "OMP_NUM_THREADS": "1"}
+    for stage in ("ddpm", "cd"):
+        args = [sys.executable, "-m", "minilcm.cli", "train", stage, "--out", str(tmp_path / stage), "--device", "cpu"]
+        args += ["--teacher", str(tmp_path / "ddpm")] if stage == "cd" else []
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        meta = json.loads((tmp_path / stage / "meta.json").read_text())
+        assert meta["stage"] == stage and meta["steps"] >= 2 and meta["images_seen"] == meta["steps"] * meta[
+            "recipe"]["batch_size"]
+        assert {"git_commit", "hardware", "wall_seconds", "metrics", "final_loss"} <= set(meta)
+    assert load_model_folder(tmp_path / "ddpm").kind == "pixel-teacher"
+    cd = load_model_folder(tmp_path / "cd")
+    assert cd.kind == "pixel-cm" and cd.model.scaling.sigma_data == 0.5
+    g = generate(cd, "cm", 2, 3)
+    assert g.images.shape == (3, 32, 32, 3) and g.nfe == 2 and (g.labels == -1).all()
+    r = subprocess.run([sys.executable, "-m", "minilcm.cli", "train", "cd", "--out", str(tmp_path / "x"),
+                        "--teacher", str(tmp_path / "cd")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "minilcm train ddpm" in r.stderr
