@@ -295,18 +295,21 @@ def bench_markdown(res: dict) -> str:
     """The benchmark as a markdown table with its date, hardware and headline checks."""
     h = res["header"]
     rows = res["rows"]
-    p25 = _find(rows, "mini-SD teacher", "dpm_solver_pp", 25)
+    # each family's speed-up is against its own teacher's 25-step DPM-Solver++
+    family = {"mini-SD teacher": "mini-SD teacher", "LCM student": "mini-SD teacher",
+              "pixel DDPM teacher": "pixel DDPM teacher", "CD student": "pixel DDPM teacher"}
+    base = {t: _find(rows, t, "dpm_solver_pp", 25) for t in set(family.values())}
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     lines = [f"**minilcm bench** — {h['date']} — {h['hardware']}", "",
              f"n = {h['n']} class-balanced images per row, seed {h['seed']}, batch {h['batch']}; "
              f"w = {h['w']:g} (LCM convention; diffusers guidance_scale = {h['guidance_scale']:g}). "
              "FD-clf: Fréchet distance in the course's CIFAR-10 classifier features vs the test set, "
              "a proxy for FID (lower is better). Time: sampling + decoding per image, CFG's 2B rows included.", "",
-             "| model | sampler | steps | NFE | rows / eval | FD-clf | class acc | ms / image | speed-up vs DPM-Solver++ 25 |",
+             "| model | sampler | steps | NFE | rows / eval | FD-clf | class acc | ms / image | speed-up vs its teacher's DPM-Solver++ 25 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        sp = (f"{p25['sec_per_image'] / r['sec_per_image']:.1f}x"
-              if p25 and r["sec_per_image"] and r["model"] in ("mini-SD teacher", "LCM student") else "–")
+        p25 = base.get(family.get(r["model"]))
+        sp = f"{p25['sec_per_image'] / r['sec_per_image']:.1f}x" if p25 and r["sec_per_image"] else "–"
         lines.append(f"| {r['model']} | {r['sampler']} | {f(r['steps'], 'd')} | {f(r['nfe'], 'd')} | "
                      f"{f(r['rows_per_eval'], 'd')} | {r['fd_clf']:.4g} | {f(r['class_acc'], '.3f')} | "
                      f"{f(None if r['sec_per_image'] is None else r['sec_per_image'] * 1e3, '.2f')} | {sp} |")

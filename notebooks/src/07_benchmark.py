@@ -169,11 +169,10 @@ N = pick(fast=50, cpu=1000, gpu=10_000)
 plan = dict(BENCH_PLAN)
 if PROFILE == "fast":
     plan["mini-SD teacher"] = [("ddim", (4, 8, 25)), ("dpm_solver_pp", (4, 8, 25))]
-pixel = PROFILE == "gpu"
+    plan["pixel DDPM teacher"] = [("dpm_solver_pp", (4, 25))]
 b0 = time.perf_counter()
 res = model_benchmark(N, W, out=f"runs/bench-{PROFILE}", plan=plan,
-                      device="cuda" if torch.cuda.is_available() else "cpu",
-                      pixel_teacher="ddpm-cifar10" if pixel else None, pixel_cm="cd-cifar10" if pixel else None)
+                      device="cuda" if torch.cuda.is_available() else "cpu")
 print(f"benchmark: {time.perf_counter() - b0:.0f} s; files: {res['files']}")
 display(Markdown(res["table"]))
 
