@@ -193,6 +193,12 @@ def test_bench_on_tiny_models(tiny, tmp_path):
     assert set(res["checks"]) == {"lcm4_fd_ratio", "lcm4_speedup", "lcm2_fd_ratio", "lcm4_beats_ddim4"}
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert res["header"]["date"][:4] in md and "cpu" in md and "| LCM student | lcm | 4 | 4 | 1 |" in md
+    from minilcm.bench import record_metrics
+
+    written = record_metrics(tmp_path / "bench" / "bench.json")
+    assert sorted(written) == sorted(str(Path(tiny[k]) / "meta.json") for k in ("sd", "lcm", "ddpm", "cd"))
+    cd_meta = json.loads((Path(tiny["cd"]) / "meta.json").read_text())["bench"]
+    assert cd_meta["n_per_row"] == 10 and cd_meta["cm@2"]["nfe"] == 2 and cd_meta["cm@1"]["class_acc"] is None
     # each student's speed-up is against its own teacher's DPM-Solver++ 25 (the pixel block against the pixel teacher)
     for prefix in ("| LCM student | lcm | 4 |", "| CD student | cm | 1 |", "| pixel DDPM teacher | ddim | 4 |"):
         line = next(ln for ln in md.splitlines() if ln.startswith(prefix))
