@@ -24,6 +24,10 @@
 # * the **mini-SD teacher** of Chapter 5 (a StableDiffusionPipeline on 8x8x4 CIFAR-10 latents) sampled under CFG
 #   with DDIM and DPM-Solver++ at 4, 8 and 25 steps, and DDPM at 25;
 # * its **LCM student** at 1, 2 and 4 steps, at the same guidance $w$;
+# * the **pixel-space pair of Chapters 1-4**: the class-conditional DDPM teacher `ddpm-cifar10` (DDIM and
+#   DPM-Solver++ at 4, 8 and 25 steps, same guidance) and its consistency-distilled student `cd-cifar10` at 1 and 2
+#   steps. The CD student is unconditional: it was distilled from the teacher's null-class model, as Song et al.
+#   (2023) distil, so it has no class-accuracy column;
 # * two reference rows: real CIFAR-10 test images and their autoencoder reconstructions.
 #
 # Every row gets the same noise seeds and the same class-balanced labels. We measure an image-quality metric
@@ -87,7 +91,8 @@ if inception_weights() is None:
 # ## 2. The shipped models
 #
 # The benchmark needs three checkpoints under `data/checkpoints/`, each trained by one command of the recipe in
-# `minilcm.stages`. Their `meta.json` files say how long they trained, on what hardware and from which commit.
+# `minilcm.stages`; the pixel pair (`minilcm train ddpm`, `minilcm train cd`) joins when it is there. Their
+# `meta.json` files say how long they trained, on what hardware and from which commit.
 
 # %%
 NEEDED = {"evaluator-cifar10": ("state.safetensors", "minilcm train evaluator"),
@@ -109,8 +114,12 @@ def meta_of(name, sub=""):
 ev = Evaluator.load()
 teacher = load_model_folder("minisd-cifar10")
 student = load_model_folder("lcm-cifar10")
-for name, sub in [("evaluator-cifar10", ""), ("minisd-cifar10", "vae"), ("minisd-cifar10", ""), ("lcm-cifar10", "")]:
+for name, sub in [("evaluator-cifar10", ""), ("minisd-cifar10", "vae"), ("minisd-cifar10", ""), ("lcm-cifar10", ""),
+                  ("ddpm-cifar10", ""), ("cd-cifar10", "")]:
     m = meta_of(name, sub)
+    if not m:
+        print(f"{name:<22} not shipped: its rows are skipped")
+        continue
     keep = {k: m[k] for k in ("stage", "steps", "images_seen", "hardware", "profile", "wall_seconds", "date") if k in m}
     print(f"{name + ('/' + sub if sub else ''):<22}", keep)
     if "metrics" in m:
@@ -161,8 +170,8 @@ plt.show()
 # the same $w$. The time per image is the wall clock of sampling **and decoding** (the VAE decoder runs once per
 # image whatever the sampler), with a one-image warm-up first; computing the metric is not timed. The teacher's
 # NFE counts its fused CFG call once, and the "rows / eval" column says that each such call carries twice the
-# batch. In the fast profile we leave out DDPM (it adds nothing at 50 images); the pixel-space models of
-# Chapters 1-4 join in the gpu profile when their checkpoints are shipped (their 32x32 UNets are slow on a CPU).
+# batch. In the fast profile we leave out DDPM (it adds nothing at 50 images) and run the pixel teacher with
+# DPM-Solver++ at 4 and 25 steps only.
 
 # %%
 N = pick(fast=50, cpu=1000, gpu=10_000)
