@@ -77,6 +77,12 @@ class DenoisingLoss:
     alpha_t eps - sigma_t x0). ``cond_drop`` replaces the class label by ``null_class`` with that
     probability, for classifier-free guidance (Ho & Salimans 2022).
 
+    ``weighting`` multiplies each sample's squared error by w(t): "none" (w = 1, Ho et al.'s simple loss) or
+    "snr+1" (w = 1 + SNR_t = 1 / alpha_t^2; Salimans & Ho 2022, arXiv 2202.00512, Sec. 4): on an eps-model it is
+    exactly the v-prediction loss, ||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_t^2, so it keeps training the
+    network at high noise, where the plain eps-loss gives a preconditioned model (``consistency.EDMPrecond``)
+    almost no signal.
+
     The training loop calls ``loss(model, batch, generator)``; ``batch`` is ``x0`` or ``(x0, labels)``.
     """
 
@@ -86,10 +92,13 @@ class DenoisingLoss:
     null_class: int | None = None
     hflip: bool = False  # random horizontal flips: data augmentation for images
     conditioning: object = None  # e.g. lcm.TextConditioning: batch -> (x0, cond), cond -> uncond (dropped rows)
+    weighting: str = "none"      # "none" or "snr+1" (the v-loss on an eps-model)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.weighting not in ("none", "snr+1"):
+            raise ValueError(f"weighting must be 'none' or 'snr+1', got {self.weighting!r}")
         if self.cond_drop > 0 and self.null_class is None and self.conditioning is None:
             raise ValueError("cond_drop > 0 needs null_class (the label index that means 'no class')")
 
@@ -125,7 +134,11 @@ class DenoisingLoss:
             target = x0
         else:
             target = broadcast(self.schedule.alpha(t), x0) * eps - broadcast(self.schedule.sigma(t), x0) * x0
-        return F.mse_loss(out.float(), target.float())
+        if self.weighting == "none":
+            return F.mse_loss(out.float(), target.float())
+        w = 1.0 / self.schedule.alpha(t).double() ** 2  # 1 + SNR_t
+        per_sample = ((out.float() - target.float()) ** 2).flatten(1).mean(1)
+        return (per_sample * w.to(per_sample.device, torch.float32)).mean()
 
 
 # ---- sampling plumbing shared by every sampler ------------------------------------------------

@@ -112,6 +112,15 @@ def _pixel_net(cfg: dict):
     return EpsUNet(UNet2DModel.from_config(unet_cfg), cfg.get("num_classes"), cfg.get("size"))
 
 
+def _pixel_eps_model(cfg: dict):
+    """The eps-model of a pixel checkpoint's config: an ``EpsUNet``, or one wrapped in ``consistency.EDMPrecond``."""
+    if cfg.get("class") == "EDMPrecond":
+        from .consistency import EDMPrecond
+
+        return EDMPrecond(_pixel_eps_model(cfg["raw"]), Schedule(cfg["schedule"]), cfg["sigma_data"])
+    return _pixel_net(cfg)
+
+
 def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
     """Load any of the three kinds of model folder by shipped name or path."""
     from .minisd import MiniSD, load_lcm_student
@@ -140,11 +149,11 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
     meta = load_checkpoint(path)[1]
     cfg = meta.get("model_config", {})
     cls = cfg.get("class")
-    if cls == "EpsUNet":
-        model = _pixel_net(cfg)
+    if cls in ("EpsUNet", "EDMPrecond"):
+        model = _pixel_eps_model(cfg)
         meta = load_model(model, path)
         schedule = Schedule(meta.get("schedule", "linear"))  # the Chapter 1 recipe's schedule
-        cond = "class" if model.num_classes else "none"
+        cond = "class" if model.null_class is not None else "none"
         return LoadedModel("pixel-teacher", path, TEACHER_SAMPLERS, cond, net=model, model=model.eval().to(device),
                            schedule=schedule, device=device)
     if cls == "ConsistencyModel":
@@ -153,12 +162,12 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
         scaling = dict(cfg["scaling"])
         scaling_cls = {"CMScalings": CMScalings, "LCMScalings": LCMScalings}[scaling.pop("class")]
         schedule = Schedule(cfg["schedule"])
-        model = ConsistencyModel(_pixel_net(cfg["net"]), schedule, scaling_cls(**scaling), cfg.get("t_min", 0.0))
+        model = ConsistencyModel(_pixel_eps_model(cfg["net"]), schedule, scaling_cls(**scaling), cfg.get("t_min", 0.0))
         load_model(model, path)
         # the CD student is distilled from the teacher's null-class (unconditional) model, as Song et al. do
         return LoadedModel("pixel-cm", path, ("cm",), "none", net=model.net, model=model.eval().to(device),
                            schedule=schedule, device=device)
-    raise CheckpointError(f"{path}: model_config class {cls!r} is neither EpsUNet nor ConsistencyModel")
+    raise CheckpointError(f"{path}: model_config class {cls!r} is not EpsUNet, EDMPrecond or ConsistencyModel")
 
 
 # ---- conditions ---------------------------------------------------------------------------------------

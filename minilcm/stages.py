@@ -301,10 +301,10 @@ def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: boo
     from .recipes import TEACHER_NAME, CifarTeacherRecipe, cifar_teacher
 
     recipe = CifarTeacherRecipe(
-        size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=3, cpu=7000, gpu=40_000),
+        size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=3, cpu=6000, gpu=40_000),
         batch_size=pick(fast=8, cpu=64, gpu=128), lr=pick(fast=1e-3, cpu=1e-3, gpu=2e-4),
         warmup_steps=pick(fast=0, cpu=200, gpu=1000), ema_decay=pick(fast=0.9, cpu=0.999, gpu=0.9999),
-        lr_decay=pick(fast="none", cpu="cosine", gpu="none"), amp=True)
+        lr_decay=pick(fast="none", cpu="cosine", gpu="none"), amp=True, precond="edm", weighting="snr+1")
     t0 = time.perf_counter()
     model, info = cifar_teacher(recipe, use_shipped=False, device=device, progress=progress,
                                 ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}")
@@ -336,7 +336,7 @@ def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool 
         raise ValueError(f"{teacher} holds a {t.kind} model; `minilcm train cd` distils a pixel DDPM teacher "
                          "(`minilcm train ddpm` makes one)")
     recipe = CifarCDRecipe(
-        steps=pick(fast=2, cpu=1500, gpu=20_000), batch_size=pick(fast=4, cpu=32, gpu=256),
+        steps=pick(fast=2, cpu=1200, gpu=20_000), batch_size=pick(fast=4, cpu=32, gpu=256),
         times_per_batch=pick(fast=2, cpu=4, gpu=8), lr=pick(fast=1e-4, cpu=1e-4, gpu=4e-4),
         ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.9999))
     t0 = time.perf_counter()
