@@ -84,3 +84,24 @@ def test_bad_inputs_fail_clearly():
         D.ddpm(lambda x, t: x[:, :1], torch.zeros(2, 2), s, [10, 0])
     with pytest.raises(ValueError, match="prediction"):
         D.DenoisingLoss(s, prediction="score")
+
+
+def test_snr_plus_one_weighting_is_the_v_loss():
+    """weighting="snr+1" on an eps-model equals the v-prediction loss of the same model written as a v-model,
+    v_hat = (eps_hat - sigma_t x_t) / alpha_t (Salimans & Ho 2022): same draws, same number."""
+    s = Schedule("linear")
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    eps_model = lambda x, t: net(x) * 0.3 + x  # noqa: E731  (any function of x_t; t unused)
+
+    def v_model(x, t):
+        a, sg = s.alpha(t.double()).float().view(-1, 1, 1, 1), s.sigma(t.double()).float().view(-1, 1, 1, 1)
+        return (eps_model(x, t) - sg * x) / a
+
+    x0 = torch.rand(16, 3, 8, 8) * 2 - 1
+    weighted = D.DenoisingLoss(s, weighting="snr+1")(eps_model, x0, torch.Generator().manual_seed(3))
+    v_loss = D.DenoisingLoss(s, prediction="v")(v_model, x0, torch.Generator().manual_seed(3))
+    plain = D.DenoisingLoss(s)(eps_model, x0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(weighted, v_loss, rtol=2e-4, atol=0)
+    assert weighted > plain  # 1 + SNR >= 1
+    with pytest.raises(ValueError, match="weighting"):
+        D.DenoisingLoss(s, weighting="min-snr")
