@@ -200,6 +200,12 @@ plt.show()
 #   network-only ratio (25 x 2) / (4 x 1) = 12.5.
 # * **The reference rows**: no sampler can beat the FD-clf of real images at the same N (that is the small-N floor),
 #   and no latent model can beat its own decoder (the VAE reconstruction row).
+# * **The pixel block** is a different pair of models: a 1.1M-parameter UNet in pixel space trained on the CPU
+#   (Chapter 1) and its consistency-distilled student (Chapter 4). Read its rows against each other, not against the
+#   mini-SD's. Its speed-ups are against its own teacher's DPM-Solver++ at 25 steps. The CD student samples
+#   unconditionally (it was distilled from the null-class model) while the teacher rows are class-conditional and
+#   guided, which favours the teacher on FD-clf. Per image, the pixel UNet is slower than the latent one: it works
+#   on 32x32 positions, the latent UNet on 8x8.
 
 # %% [markdown]
 # ## 5. The headline, checked
