@@ -304,14 +304,14 @@ assert speedup >= 5
 #   $w$ as an input: its $w$ knob works like the teacher's CFG, at $B$ rows per step instead of $2B$.
 # - **The headline, measured here:** the table above puts LCM at 4 steps against the teacher's 25-step DPM-Solver++
 #   on FD-clf and time per image. In the committed run (cpu profile, 500 images per row, this repository's 2-core
-#   CPU) LCM@4 scored FD-clf 182 against 189 (ratio 0.96, target ≤ 1.15) and was 10.1× faster; LCM@2 had ratio 0.94
-#   (target ≤ 1.3); the teacher's own 4-step DDIM scored 275. The cells assert the part that must hold at any
+#   CPU) LCM@4 scored FD-clf 181 against 183 (ratio 0.99, target ≤ 1.15) and was 9.9× faster; LCM@2 had ratio 0.94
+#   (target ≤ 1.3); the teacher's own 4-step DDIM scored 271. The cells assert the part that must hold at any
 #   sample size: LCM@4 beats DDIM@4, and is at least 5× faster than DPM-Solver++@25.
 # - **What a short distillation does not buy:** the student was distilled for 1,000 steps on a CPU, and its $w$
-#   input has barely left its zero initialisation: its class accuracy is about the same at every $w$ (46% in the
-#   committed run, against the teacher's 14% → 61%). It learned the guided ODE averaged over $w \in [0, 4]$, not yet
+#   input has barely left its zero initialisation: its class accuracy is about the same at every $w$ (44-46% in the
+#   committed run, against the teacher's 18% → 57%). It learned the guided ODE averaged over $w \in [0, 4]$, not yet
 #   its dependence on $w$ — that takes a longer (GPU) distillation. Everything here is also capped by the
-#   autoencoder (its reconstructions alone score FD-clf 109).
+#   autoencoder (its reconstructions alone score FD-clf 105 at this N).
 #
 # Chapter 6 runs the very same `LatentConsistencyDistillation` on a Stable Diffusion teacher; Chapter 7 benchmarks
 # every shipped model.
