@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from .checkpoints import available, load_model
+from .checkpoints import available
 from .datasets import cifar10
 from .diffusion import DenoisingLoss
 from .models import cifar_unet

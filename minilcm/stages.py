@@ -315,7 +315,7 @@ def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: boo
             "params": sum(p.numel() for p in model.parameters()), "steps": recipe.steps,
             "images_seen": recipe.steps * recipe.batch_size,
             "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **provenance(seconds, device)}
-    save_model(model.cpu(), out, **meta)
+    save_model(model.cpu(), out, **meta)  # export first: the metrics sample what ships (fp16 weights)
     meta["metrics"] = _sample_metrics(out, [("dpm_solver_pp", 25), ("ddim", 25)], pick(fast=8, cpu=1000, gpu=2000),
                                       1.0, device)
     save_model(model.cpu(), out, **meta)
@@ -348,7 +348,7 @@ def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool 
     meta = {"stage": "cd", "teacher": str(teacher), "recipe": {k: v for k, v in vars(recipe).items()},
             "steps": recipe.steps, "images_seen": recipe.steps * recipe.batch_size,
             "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 6), **provenance(seconds, device)}
-    save_model(student.cpu(), out, **meta)
+    save_model(student.cpu(), out, **meta)  # export first: the metrics sample what ships (fp16 weights)
     meta["metrics"] = _sample_metrics(out, [("cm", 1), ("cm", 2)], pick(fast=8, cpu=1000, gpu=2000), 0.0, device)
     save_model(student.cpu(), out, **meta)
     write_meta(out, meta)
