@@ -46,6 +46,11 @@ def write_meta(folder: Path, meta: dict) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
+def _tail_mean(losses, k: int = 100) -> float:
+    """The mean of the last k losses: the ``final_loss`` every stage records."""
+    return sum(losses[-k:]) / max(1, len(losses[-k:]))
+
+
 # ---- stage 1: the evaluator ---------------------------------------------------------------------------
 def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Train the CIFAR-10 evaluator classifier, measure its test accuracy, export it with the test-set feature
@@ -218,7 +223,7 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     meta = {"stage": "minisd", "unet_size": size, "unet_params": sum(p.numel() for p in unet.parameters()),
             "text_encoder": "CLIPTextModel (2 layers, 64 wide), random init, frozen", "captions": CAPTION_TEMPLATES,
             "cond_drop": 0.1, "schedule": "scaled_linear", "steps": steps, "images_seen": steps * batch,
-            "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 5),
+            "final_loss": round(_tail_mean(res.losses), 5),
             **provenance(seconds, device)}
     write_meta(folder, meta)
     return meta
@@ -266,7 +271,7 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
     meta = {"stage": "lcm", "teacher": str(teacher), "k": k, "w_min": w_min, "w_max": w_max, "mu": 0.95,
             "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
             "w_dim": 256, "distance": "pseudo_huber", "steps": steps, "images_seen": steps * batch,
-            "final_loss": round(sum(res.losses[-100:]) / max(1, len(res.losses[-100:])), 6),
+            "final_loss": round(_tail_mean(res.losses), 6),
             **provenance(seconds, device)}
     write_meta(out, meta)
     return meta
@@ -295,9 +300,19 @@ def _sample_metrics(folder: Path, runs: list[tuple[str, int]], n: int, w: float,
     return out
 
 
+def _export_pixel(model, out: Path, meta: dict, runs, w: float, device: str) -> dict:
+    """Export a pixel model (fp16) with its metadata, then measure what ships and write the metrics beside it."""
+    save_model(model.cpu(), out, **meta)  # export first: the metrics sample the fp16 weights that ship
+    meta["metrics"] = _sample_metrics(out, runs, pick(fast=8, cpu=1000, gpu=2000), w, device)
+    save_model(model.cpu(), out, **meta)
+    write_meta(out, meta)
+    return meta
+
+
+
 def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
-    """Train the Chapters 1-4 pixel DDPM teacher (``recipes.cifar_teacher``: a class-conditional eps-UNet2DModel,
-    10% null-class dropout for CFG, linear schedule, hflip) and export its EMA weights in fp16 as ``ddpm-cifar10``."""
+    """Train the Chapters 1-4 pixel DDPM teacher (``recipes.cifar_teacher``: a class-conditional UNet2DModel in
+    ``EDMPrecond`` with the SNR+1 weighting, 10% null-class dropout for CFG, linear schedule, hflip) and export its EMA weights in fp16 as ``ddpm-cifar10``."""
     from .recipes import TEACHER_NAME, CifarTeacherRecipe, cifar_teacher
 
     recipe = CifarTeacherRecipe(
@@ -310,17 +325,11 @@ def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: boo
                                 ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}")
     seconds = time.perf_counter() - t0
     out = Path(out) if out else SHIPPED_DIR / TEACHER_NAME
-    losses = info["losses"]
-    meta = {"stage": "ddpm", "schedule": recipe.schedule, "recipe": {k: v for k, v in vars(recipe).items()},
+    meta = {"stage": "ddpm", "schedule": recipe.schedule, "recipe": dict(vars(recipe)),
             "params": sum(p.numel() for p in model.parameters()), "steps": recipe.steps,
             "images_seen": recipe.steps * recipe.batch_size,
-            "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **provenance(seconds, device)}
-    save_model(model.cpu(), out, **meta)  # export first: the metrics sample what ships (fp16 weights)
-    meta["metrics"] = _sample_metrics(out, [("dpm_solver_pp", 25), ("ddim", 25)], pick(fast=8, cpu=1000, gpu=2000),
-                                      1.0, device)
-    save_model(model.cpu(), out, **meta)
-    write_meta(out, meta)
-    return meta
+            "final_loss": round(_tail_mean(info["losses"]), 5), **provenance(seconds, device)}
+    return _export_pixel(model, out, meta, [("dpm_solver_pp", 25), ("ddim", 25)], 1.0, device)
 
 
 def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
@@ -344,12 +353,7 @@ def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool 
                                      progress=progress, ckpt_dir=f"runs/cd-{recipe.steps}")
     seconds = time.perf_counter() - t0
     out = Path(out) if out else SHIPPED_DIR / CD_NAME
-    losses = info["losses"]
-    meta = {"stage": "cd", "teacher": str(teacher), "recipe": {k: v for k, v in vars(recipe).items()},
+    meta = {"stage": "cd", "teacher": str(teacher), "recipe": dict(vars(recipe)),
             "steps": recipe.steps, "images_seen": recipe.steps * recipe.batch_size,
-            "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 6), **provenance(seconds, device)}
-    save_model(student.cpu(), out, **meta)  # export first: the metrics sample what ships (fp16 weights)
-    meta["metrics"] = _sample_metrics(out, [("cm", 1), ("cm", 2)], pick(fast=8, cpu=1000, gpu=2000), 0.0, device)
-    save_model(student.cpu(), out, **meta)
-    write_meta(out, meta)
-    return meta
+            "final_loss": round(_tail_mean(info["losses"]), 6), **provenance(seconds, device)}
+    return _export_pixel(student, out, meta, [("cm", 1), ("cm", 2)], 0.0, device)
