@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 STATE, CONFIG = "state.safetensors", "config.json"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 

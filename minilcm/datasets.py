@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .schedules import Schedule, broadcast
 
 # ============================================================================================
@@ -166,7 +167,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DEFAULT_ROOT = Path("data/cifar10")
 
 
-class CifarUnavailable(RuntimeError):
+class CifarUnavailable(UserError, RuntimeError):
     """CIFAR-10 could not be found or read."""
 
 

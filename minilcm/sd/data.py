@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The caption data is missing, empty, or has images without captions."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..consistency import ConsistencyModel, LCMScalings, l2, pseudo_huber
 from ..lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
 from ..schedules import Schedule
@@ -38,7 +39,7 @@ LORA_TARGETS = LORA_ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net
                                  "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")  # the LCM-LoRA script's
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The teacher is missing, unreadable, or lacks what the chosen mode needs."""
 
 
