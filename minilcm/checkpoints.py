@@ -3,7 +3,8 @@
 A checkpoint is a folder:
     state.safetensors   model.*, ema.*, optim.*, rng.* (and loss.* for losses with state)
     config.json         model config, step, optimizer hyper-parameters, loss history, ...
-Writes go to temporary files renamed into place, so an interrupted save never leaves a half checkpoint.
+The metadata is also stored inside the safetensors header, so one rename commits a checkpoint: an interrupted
+save leaves the previous checkpoint or the new one, never a mismatched pair.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
 STATE, CONFIG = "state.safetensors", "config.json"
+META_KEY = "minilcm_config"  # the JSON metadata, inside the safetensors header
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 
 
@@ -32,27 +35,48 @@ def model_config(model: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write ``tensors`` and ``meta`` to the folder ``path`` atomically."""
+    """Write ``tensors`` and ``meta`` to the folder ``path`` as ONE unit.
+
+    The metadata travels inside the safetensors header, so the single ``os.replace`` of ``state.safetensors`` is
+    the commit point: a kill at any instant leaves the previous checkpoint or the new one, never a mix.
+    ``config.json`` is a readable copy written after it (``load_checkpoint`` trusts the header)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(flat, str(path / (STATE + ".tmp")))
-    (path / (CONFIG + ".tmp")).write_text(json.dumps(meta, indent=1))
-    os.replace(path / (STATE + ".tmp"), path / STATE)
-    os.replace(path / (CONFIG + ".tmp"), path / CONFIG)
+    text = json.dumps(meta, indent=1)
+    _atomic(path / STATE, lambda tmp: save_file(flat, str(tmp), metadata={META_KEY: text}))
+    _atomic(path / CONFIG, lambda tmp: tmp.write_text(text))
     return path
 
 
+def _atomic(target: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` onto ``target``; on any failure the temporary file is removed."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint folder written by :func:`save_checkpoint`."""
+    """Read a checkpoint folder written by :func:`save_checkpoint` (or an older one with only config.json)."""
     path = Path(path)
     if not (path / STATE).exists() or not (path / CONFIG).exists():
         raise CheckpointError(f"no checkpoint in {path}: expected {STATE} and {CONFIG} there")
     try:
-        return load_file(str(path / STATE)), json.loads((path / CONFIG).read_text())
+        with safe_open(str(path / STATE), framework="pt") as f:
+            header = (f.metadata() or {}).get(META_KEY)
+        tensors = load_file(str(path / STATE))
+        return tensors, json.loads(header if header is not None else (path / CONFIG).read_text())
     except Exception as e:
-        raise CheckpointError(f"the checkpoint in {path} is unreadable ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"the checkpoint in {path} is unreadable ({type(e).__name__}: {_first_line(e)}); "
                               "delete the folder to start afresh") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def prefixed(sd: dict, prefix: str) -> dict:
@@ -72,15 +96,24 @@ def _architecture(cfg):
     return cfg
 
 
+def _differences(a, b, key: str = "") -> list[str]:
+    """'key: saved vs this' for every leaf where two configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k, "<none>"), b.get(k, "<none>"), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if a == b else [f"{key}: checkpoint {a} vs this model {b}"]
+
+
 def load_into(model: torch.nn.Module, sd: dict, saved_config: dict | None, where: str) -> None:
     """Load a state dict, failing with a message that names both architectures when they differ."""
     mine = model_config(model)
     if saved_config is not None and _architecture(saved_config) != _architecture(mine):
+        diff = "; ".join(_differences(_architecture(saved_config), _architecture(mine))[:3])
         raise CheckpointError(
-            f"the checkpoint in {where} was written by a different architecture:\n"
-            f"  checkpoint: {saved_config}\n  this model: {mine}\n"
-            "Build the model with the checkpoint's config, or use another checkpoint folder "
-            "(delete it to start afresh).")
+            f"the checkpoint in {where} was written by a different architecture ({diff}).\n"
+            "Build the model with the checkpoint's config, or use another folder (delete it to start afresh).")
     own = model.state_dict()
     bad = sorted(k for k in sd if k not in own or own[k].shape != sd[k].shape)
     missing = sorted(k for k in own if k not in sd)
@@ -135,3 +168,96 @@ def available() -> list[str]:
         return []
     return sorted(p.name for p in d.iterdir()
                   if (p / STATE).exists() or (p / "model_index.json").exists() or (p / "unet").is_dir())
+
+
+# ---- provenance and safe exports ---------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".npz")
+
+
+def content_hash(folder) -> str:
+    """sha256 of every weight file below ``folder`` (relative names and bytes; configs and metadata left out, so
+    re-writing a meta.json does not change it): which teacher a student was distilled from."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                    and not p.name.startswith(".")):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def is_shipped(path) -> bool:
+    """True when ``path`` is, or lies inside, the shipped-checkpoint folder (data/checkpoints or
+    $MINILCM_CHECKPOINTS)."""
+    p = Path(path).resolve()
+    for d in {SHIPPED_DIR.resolve(), shipped_dir().resolve()}:
+        if p == d or d in p.parents:
+            return True
+    return False
+
+
+def default_export(name: str) -> Path:
+    """Where a recipe stage exports when no ``--out`` is given: ``runs/<name>`` (never the shipped folder)."""
+    return Path("runs") / name
+
+
+def check_export(out, replace_shipped: bool = False, what: str = "") -> Path:
+    """Refuse to write into a shipped checkpoint unless ``replace_shipped`` says so."""
+    out = Path(out)
+    if is_shipped(out) and not replace_shipped:
+        raise CheckpointError(f"{out} is a shipped checkpoint{' (' + what + ')' if what else ''}: the recipe does "
+                              "not replace it by default. Pass --replace-shipped to replace it, or --out to write "
+                              "elsewhere.")
+    return out
+
+
+class staged_folder:
+    """Write a folder as a unit: ``with staged_folder(out) as tmp: ...write into tmp...``; on success ``tmp``
+    replaces ``out`` (the old one is removed after the swap), on failure ``tmp`` is deleted and ``out`` is
+    untouched. ``keep``: names inside an existing ``out`` to carry over into the new one (e.g. ``vae`` when
+    only the UNet is retrained)."""
+
+    def __init__(self, out, keep: tuple = ()):
+        self.out, self.keep = Path(out), keep
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.partial")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        for k in self.keep:
+            if (self.out / k).exists():
+                (shutil.copytree if (self.out / k).is_dir() else shutil.copy2)(self.out / k, self.tmp / k)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
+        if self.out.exists():
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def strip_machine_paths(folder) -> None:
+    """Remove diffusers' ``_name_or_path`` (the absolute path of the machine that saved it) from every
+    config.json below ``folder``."""
+    for f in Path(folder).rglob("config.json"):
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and "_name_or_path" in cfg:
+            cfg.pop("_name_or_path")
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

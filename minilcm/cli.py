@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import TrainingInterrupted, UserError, debug, short
+
 
 def _has_cuda() -> bool:
     import torch
@@ -36,6 +38,8 @@ def demo(args) -> int:
     from .train import TrainConfig, train
     from .viz import scatter_2d
 
+    if args.steps < 1 or args.n < 2:
+        raise ValueError(f"--steps must be >= 1 and --n >= 2, got --steps {args.steps} --n {args.n}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -87,51 +91,85 @@ def train_stage(args) -> int:
 
     from . import stages
 
-    fn = {"evaluator": stages.train_evaluator, "autoencoder": stages.train_autoencoder,
-          "minisd": stages.train_minisd, "lcm": stages.train_lcm, "ddpm": stages.train_ddpm,
-          "cd": stages.train_cd}.get(args.stage)
-    if fn is None:
-        print(f"unknown stage {args.stage!r}", file=sys.stderr)
-        return 2
     kw = {"teacher": args.teacher} if args.stage in ("lcm", "cd") and args.teacher else {}
-    from .checkpoints import CheckpointError
-
-    try:
-        meta = fn(out=args.out, device=args.device, **kw)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
-        print(f"minilcm train {args.stage}: error: {e}", file=sys.stderr)
-        return 2
+    if args.teacher and args.stage not in ("lcm", "cd"):
+        raise ValueError(f"--teacher is for the lcm and cd stages; `minilcm train {args.stage}` has no teacher")
+    meta = stages.STAGES[args.stage](out=args.out, device=args.device, replace_shipped=args.replace_shipped,
+                                     progress=not args.quiet, **kw)
     print(json.dumps(meta.get("metrics", {}), indent=1))
+    print(f"exported to {meta['exported_to']}")
     return 0
+
+
+def writable_out(out: Path, force: bool, *extra: Path) -> None:
+    """Fail before any work when ``out`` (and the files written beside it) cannot be written, or exist and
+    ``--force`` was not given."""
+    import os
+
+    parent = out.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {probe} is not writable; choose another --out")
+    for f in (out, *extra):
+        if f.is_dir():
+            raise ValueError(f"--out {out}: {f} is a folder; name a file")
+        if f.exists() and not force:
+            raise ValueError(f"{f} exists; pass --force to overwrite it, or choose another --out")
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a hidden temporary name beside ``path``, then rename: no partial file survives a
+    failure (disk full included)."""
+    import os
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sample(args) -> int:
     """Sample images from a checkpoint (minilcm.generate) and write FILE.npz (images, labels) and FILE.png."""
     import numpy as np
 
-    from .checkpoints import CheckpointError
-    from .generate import generate, load_model_folder
+    from .generate import check_request, generate, load_model_folder
 
     out = Path(args.out)
     if out.suffix != ".npz":
-        print(f"minilcm sample: error: --out must name a .npz file, got {out}", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not _has_cuda():
-        print("minilcm sample: error: --device cuda but CUDA is not available here", file=sys.stderr)
-        return 2
-    try:
-        t0 = time.perf_counter()
-        model = load_model_folder(args.model, device=args.device)
-        load_s = time.perf_counter() - t0
-        res = generate(model, args.sampler, args.steps, args.n, w=args.guidance, class_=args.class_,
-                       prompt=args.prompt, seed=args.seed, batch=args.batch, device=args.device)
-    except (ValueError, CheckpointError) as e:
-        print(f"minilcm sample: error: {e}", file=sys.stderr)
-        return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, images=res.images, labels=res.labels)
+        raise ValueError(f"--out must name a .npz file, got {out}")
     png = out.with_suffix(".png")
-    _write_grid(res.images[:100], png)
+    writable_out(out, args.force, png)
+    if args.device == "cuda" and not _has_cuda():
+        raise ValueError("--device cuda but CUDA is not available here; use --device cpu")
+    check_request(args.sampler, args.steps, args.n, w=args.guidance, batch=args.batch, prompt=args.prompt)
+    t0 = time.perf_counter()
+    model = load_model_folder(args.model, device=args.device)
+    load_s = time.perf_counter() - t0
+    res = generate(model, args.sampler, args.steps, args.n, w=args.guidance, class_=args.class_,
+                   prompt=args.prompt, seed=args.seed, batch=args.batch, device=args.device,
+                   progress=not args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_npz(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, images=res.images, labels=res.labels)
+
+    written = []
+    try:
+        atomic_write(out, save_npz)
+        written.append(out)
+        atomic_write(png, lambda tmp: _write_grid(res.images[:100], tmp))
+    except BaseException:
+        for f in written:  # the pair is one result: never leave half of it
+            f.unlink(missing_ok=True)
+        raise
     cfg = "" if model.conditional == "none" else f", w = {args.guidance:g} (guidance_scale {args.guidance + 1:g})"
     print(f"{args.n} images from {model.kind} {model.path} with {args.sampler}, {args.steps} steps "
           f"({res.nfe} NFE{', CFG: 2 rows per evaluation' if res.rows_per_eval == 2 else ''}){cfg}")
@@ -149,37 +187,45 @@ def _write_grid(images, path: Path) -> None:
     from .viz import image_grid
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    Image.fromarray(image_grid(x, nrow=min(10, len(images)))).save(path)
+    Image.fromarray(image_grid(x, nrow=min(10, len(images)))).save(path, format="PNG")
 
 
 def bench(args) -> int:
     """Every sampler at every NFE on the shipped teachers and students (minilcm.bench.model_benchmark)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     from .bench import model_benchmark
-    from .checkpoints import CheckpointError
     from .profiles import pick
 
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1 (images per row), got {args.n}; leave it out for the profile's default")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if not math.isfinite(args.w):
+        raise ValueError(f"--w must be a finite number, got {args.w}")
     n = args.n or pick(fast=20, cpu=1000, gpu=10_000)
     if args.device == "cuda" and not _has_cuda():
-        print("minilcm bench: error: --device cuda but CUDA is not available here", file=sys.stderr)
-        return 2
-    try:
-        res = model_benchmark(n, args.w, args.out, device=args.device, seed=args.seed, batch=args.batch,
-                              minisd=args.minisd, lcm=args.lcm, evaluator=args.evaluator,
-                              pixel_teacher=None if args.no_pixel else args.ddpm,
-                              pixel_cm=None if args.no_pixel else args.cd)
-    except (ValueError, CheckpointError) as e:
-        print(f"minilcm bench: error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError("--device cuda but CUDA is not available here; use --device cpu")
+    res = model_benchmark(n, args.w, args.out, device=args.device, seed=args.seed, batch=args.batch,
+                          minisd=args.minisd, lcm=args.lcm, evaluator=args.evaluator,
+                          pixel_teacher=None if args.no_pixel else args.ddpm,
+                          pixel_cm=None if args.no_pixel else args.cd, progress=not args.quiet)
     print(res["table"])
     print("wrote " + ", ".join(res["files"].values()))
     return 0
 
 
+USER_ERRORS = (UserError, ValueError, OSError, ImportError)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="minilcm", description="minilcm: from DDPM to latent consistency models")
+    p = argparse.ArgumentParser(prog="minilcm", description="minilcm: from DDPM to latent consistency models. "
+                                "A user error prints one short message and exits with code 2; --debug (or "
+                                "MINILCM_DEBUG=1) shows the traceback.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (same as MINILCM_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train and sample a 2-D DDPM in under a minute, write a figure")
     d.add_argument("--out", default="runs/demo")
@@ -188,7 +234,12 @@ def main(argv=None) -> int:
     d.set_defaults(fn=demo)
     t = sub.add_parser("train", help="train one stage of the shipped checkpoints (see minilcm.stages)")
     t.add_argument("stage", choices=["evaluator", "autoencoder", "minisd", "lcm", "ddpm", "cd"])
-    t.add_argument("--out", default=None, help="export folder (default: data/checkpoints/<name>)")
+    t.add_argument("--out", default=None, help="export folder (default: runs/<name>; the shipped checkpoints in "
+                   "data/checkpoints are never replaced unless --replace-shipped is given)")
+    t.add_argument("--replace-shipped", action="store_true", help="allow the export to replace a shipped "
+                   "checkpoint under data/checkpoints (with --out pointing there, or to make the stage's default "
+                   "the shipped folder)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     t.add_argument("--teacher", default=None, help="lcm / cd stage: the teacher folder to distil (default: the shipped mini-SD / ddpm-cifar10)")
     t.set_defaults(fn=train_stage)
@@ -211,6 +262,8 @@ def main(argv=None) -> int:
     s.add_argument("--batch", type=int, default=250, metavar="B", help="images per batch (default 250)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _has_cuda() else "cpu")
     s.add_argument("--out", required=True, metavar="FILE.npz", help="FILE.npz (the PNG grid is written beside it as FILE.png)")
+    s.add_argument("--force", action="store_true", help="overwrite FILE.npz / FILE.png if they exist")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=sample)
     b = sub.add_parser("bench", help="every sampler at every NFE on the shipped models: table, JSON, plot",
                        description="Run the mini-SD teacher (DDIM, DPM-Solver++ at 4/8/25 steps, DDPM at 25) and the "
@@ -230,12 +283,31 @@ def main(argv=None) -> int:
     b.add_argument("--cd", default="cd-cifar10", help="pixel CD student (skipped when missing)")
     b.add_argument("--no-pixel", action="store_true", help="leave out the pixel models even when shipped (their "
                    "32x32 UNets are slow on a CPU)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=bench)
     from .sd.cli import register as register_sd_distill
 
     register_sd_distill(sub)  # minilcm sd-distill (Chapter 6)
     args = p.parse_args(argv)
-    return args.fn(args)
+    import warnings
+
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"minilcm {args.cmd}: warning: {msg}\n"
+    try:
+        from .profiles import current
+
+        current()  # a mistyped MINILCM_PROFILE fails here, before any work
+        return args.fn(args)
+    except TrainingInterrupted as e:
+        print(f"minilcm {args.cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    except USER_ERRORS as e:
+        if args.debug or debug():
+            raise
+        hint = not isinstance(e, UserError) and type(e).__name__ not in ("ValueError", "FileNotFoundError")
+        print(f"minilcm {args.cmd}: error: {short(e, 2 if hint else 3)}", file=sys.stderr)
+        if hint:  # an OSError or ImportError: the traceback may say more
+            print("(run with --debug or MINILCM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ of model evaluations (NFE) and, on request, the trajectory.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -170,6 +171,8 @@ def check_timesteps(schedule: Schedule, timesteps) -> list[float]:
     ts = [float(t) for t in torch.as_tensor(timesteps, dtype=torch.float64).flatten()]
     if not ts:
         raise ValueError("timesteps is empty: pass at least one timestep, e.g. schedule.timesteps(50)")
+    if not all(math.isfinite(t) for t in ts):
+        raise ValueError(f"timesteps must be finite numbers, got {ts[:6]}{'...' if len(ts) > 6 else ''}")
     if any(b >= a for a, b in zip(ts, ts[1:])):
         raise ValueError("timesteps must be strictly decreasing (noisiest first), e.g. schedule.timesteps(50)")
     if ts[0] > schedule.T - 1 or ts[-1] < 0:

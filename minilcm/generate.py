@@ -22,15 +22,17 @@ LCM student has w baked in (B rows). The time reported is the wall clock of samp
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, resolve
+from .checkpoints import CheckpointError, content_hash, resolve
 from .datasets import CIFAR10_CLASSES, to_uint8
 from .schedules import Schedule
 from .solvers import teacher_timesteps
@@ -89,9 +91,15 @@ def _resolve(name_or_path) -> Path:
         raise CheckpointError(f"{e} Make it with {how}." if how else str(e)) from None
 
 
+SAMPLING_MODELS = ("minisd-cifar10", "lcm-cifar10", "ddpm-cifar10", "cd-cifar10")
+
+
 def model_kind(path: Path) -> str:
     """minisd, lcm or pixel: what the folder holds (see the module docstring)."""
     path = Path(path)
+    if (path / "reference_stats.npz").exists() or path.name == "evaluator-cifar10":
+        raise CheckpointError(f"{path} is the FD-clf evaluator (a classifier), not a model that samples images; "
+                              f"sample from one of: {', '.join(SAMPLING_MODELS)}")
     if (path / "model_index.json").exists():
         return "minisd"
     if (path / "unet" / "config.json").exists() and (path / "meta.json").exists():
@@ -109,7 +117,12 @@ def _pixel_net(cfg: dict):
     from .models import EpsUNet
 
     unet_cfg = {k: v for k, v in cfg["unet"].items() if not k.startswith("_")}
-    return EpsUNet(UNet2DModel.from_config(unet_cfg), cfg.get("num_classes"), cfg.get("size"))
+    net = EpsUNet(UNet2DModel.from_config(unet_cfg), cfg.get("num_classes"), cfg.get("size"))
+    k, embeds = cfg.get("num_classes"), unet_cfg.get("num_class_embeds")
+    if (k is None) != (embeds is None) or (k is not None and embeds != k + 1):
+        raise ValueError(f"num_classes = {k} does not match the UNet's num_class_embeds = {embeds} (classes + the "
+                         "null class)")
+    return net
 
 
 def _pixel_eps_model(cfg: dict):
@@ -119,6 +132,37 @@ def _pixel_eps_model(cfg: dict):
 
         return EDMPrecond(_pixel_eps_model(cfg["raw"]), Schedule(cfg["schedule"]), cfg["sigma_data"])
     return _pixel_net(cfg)
+
+
+def _build(cfg: dict, path: Path, build):
+    """``build(cfg)``, with a config that is not one minilcm wrote turned into a one-line CheckpointError."""
+    try:
+        return build(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
+        raise CheckpointError(f"the model config in {path / 'config.json'} cannot be built ({what}); re-export the "
+                              "model with the recipe (`minilcm train ...`) or use another folder") from None
+
+
+def check_teacher_hash(student_path: Path, meta: dict) -> None:
+    """Refuse a student whose recorded teacher (``teacher_sha256``) now holds different weights."""
+    want = meta.get("teacher_sha256")
+    if not want:
+        return
+    teacher = resolve(meta["teacher"])
+    got = content_hash(teacher)
+    if got != want:
+        raise CheckpointError(f"the student in {student_path} was distilled from {meta['teacher']} with weights "
+                              f"sha256 {want[:12]}, but {teacher} now holds {got[:12]}: restore that teacher, or "
+                              f"distil again with `minilcm train {meta.get('stage', 'lcm')} --teacher {teacher}`")
+
+
+def guidance_range(m: "LoadedModel"):
+    """(w_min, w_max) a student was distilled on, from its metadata; None for teachers."""
+    meta = getattr(m.model, "meta", None) or {}
+    if "w_min" in meta and "w_max" in meta:
+        return float(meta["w_min"]), float(meta["w_max"])
+    return None
 
 
 def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
@@ -141,6 +185,7 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
             sd = MiniSD.load(teacher, device=device)
         except CheckpointError as e:
             raise CheckpointError(f"the LCM student in {path} needs its teacher {teacher!r}: {e}") from None
+        check_teacher_hash(path, meta)
         student = load_lcm_student(path, device=device)
         return LoadedModel("lcm", path, ("lcm",), "text", sd=sd, net=student.net, model=student,
                            schedule=sd.schedule, device=device)
@@ -150,7 +195,7 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
     cfg = meta.get("model_config", {})
     cls = cfg.get("class")
     if cls in ("EpsUNet", "EDMPrecond"):
-        model = _pixel_eps_model(cfg)
+        model = _build(cfg, path, _pixel_eps_model)
         meta = load_model(model, path)
         schedule = Schedule(meta.get("schedule", "linear"))  # the Chapter 1 recipe's schedule
         cond = "class" if model.null_class is not None else "none"
@@ -159,15 +204,20 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
     if cls == "ConsistencyModel":
         from .consistency import CMScalings, ConsistencyModel, LCMScalings
 
-        scaling = dict(cfg["scaling"])
-        scaling_cls = {"CMScalings": CMScalings, "LCMScalings": LCMScalings}[scaling.pop("class")]
-        schedule = Schedule(cfg["schedule"])
-        model = ConsistencyModel(_pixel_eps_model(cfg["net"]), schedule, scaling_cls(**scaling), cfg.get("t_min", 0.0))
+        def build(cfg):
+            scaling = dict(cfg["scaling"])
+            scaling_cls = {"CMScalings": CMScalings, "LCMScalings": LCMScalings}[scaling.pop("class")]
+            return ConsistencyModel(_pixel_eps_model(cfg["net"]), Schedule(cfg["schedule"]), scaling_cls(**scaling),
+                                    cfg.get("t_min", 0.0))
+
+        model = _build(cfg, path, build)
+        schedule = model.schedule
         load_model(model, path)
         # the CD student is distilled from the teacher's null-class (unconditional) model, as Song et al. do
         return LoadedModel("pixel-cm", path, ("cm",), "none", net=model.net, model=model.eval().to(device),
                            schedule=schedule, device=device)
-    raise CheckpointError(f"{path}: model_config class {cls!r} is not EpsUNet, EDMPrecond or ConsistencyModel")
+    raise CheckpointError(f"{path} holds a {cls!r}, not a model that samples images (EpsUNet, EDMPrecond or "
+                          f"ConsistencyModel); sample from one of: {', '.join(SAMPLING_MODELS)}")
 
 
 # ---- conditions ---------------------------------------------------------------------------------------
@@ -211,15 +261,36 @@ def cm_steps(schedule: Schedule, steps: int, N: int = 18, t_min: float = 0.0) ->
 class _CallCounter:
     """Counts forward calls of a module (each is one network evaluation, whatever its batch)."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.calls = 0
+    def __init__(self, module: torch.nn.Module, bar=None):
+        self.calls, self.bar = 0, bar
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, *_):
         self.calls += 1
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self):
         self.handle.remove()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_request(sampler: str, steps, n, *, w=1.0, batch=250, prompt=None) -> None:
+    """Reject impossible requests before any model is loaded: whole numbers >= 1 for steps, n and batch; a finite
+    w; a non-empty prompt."""
+    from .schedules import whole_number
+
+    if sampler not in ALL_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(ALL_SAMPLERS)}")
+    for name, v in (("steps", steps), ("n (the number of images)", n), ("batch", batch)):
+        if whole_number(v, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not math.isfinite(w):
+        raise ValueError(f"the guidance w must be a finite number (LCM convention, guidance_scale = w + 1), got {w!r}")
+    if prompt is not None and not str(prompt).strip():
+        raise ValueError("the prompt is empty (that is the unconditional prompt): give a text, or leave --prompt out "
+                         "to sample the ten classes")
 
 
 # ---- generation ---------------------------------------------------------------------------------------
@@ -256,7 +327,8 @@ def _sync(device):
 
 
 def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=None, prompt: str | None = None,
-             labels=None, seed: int = 0, batch: int = 250, device: str = "cpu", warmup: bool = True) -> Generated:
+             labels=None, seed: int = 0, batch: int = 250, device: str = "cpu", warmup: bool = True,
+             progress: bool = False) -> Generated:
     """Sample ``n`` images from ``model`` (a shipped name, a folder path or a ``LoadedModel``) with ``sampler``
     at ``steps`` network evaluations.
 
@@ -268,15 +340,26 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
     seed    one torch.Generator seeded with it draws every noise: the same seed gives the same x_T for every
             sampler and model of the same latent shape.
     warmup  sample one image first (untimed), so that one-off start-up costs stay out of the time per image.
+    progress  a tqdm bar over network evaluations (``minilcm sample`` shows it unless --quiet).
+    Impossible requests (steps 2.5, n 0, w nan, an empty prompt, ...) raise ValueError before any work; a w
+    outside a student's distillation range gives a warning naming that range.
     """
+    check_request(sampler, steps, n, w=w, batch=batch, prompt=prompt)
+    steps, n, batch = int(steps), int(n), int(batch)
     m = model if isinstance(model, LoadedModel) else load_model_folder(model, device=device)
     if sampler not in m.samplers:
         raise ValueError(f"sampler {sampler!r} does not fit the {m.kind} model in {m.path}; valid: "
                          f"{', '.join(m.samplers)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if sampler == "lcm":
+        from .lcm import lcm_timesteps
+
+        lcm_timesteps(m.schedule, steps)  # 1..50: a clear error before any work
+    if sampler == "cm":
+        cm_steps(m.schedule, steps, t_min=m.model.t_min)
+    rng = guidance_range(m) if m.conditional != "none" else None
+    if rng is not None and not rng[0] <= w <= rng[1]:
+        warnings.warn(f"w = {w:g} is outside the range this student was distilled on, w in [{rng[0]:g}, {rng[1]:g}] "
+                      "(LCM convention): expect poor images", stacklevel=2)
     if prompt is not None and (class_ is not None or labels is not None):
         raise ValueError("give a class or a prompt, not both")
     if prompt is not None and m.conditional != "text":
@@ -298,13 +381,18 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
         lab = np.full(n, parse_class(class_), dtype=np.int64)
     else:
         lab = balanced_labels(n)
-    batch = max(1, int(batch))
-
     if warmup:
         _sample_batch(m, sampler, min(steps, 2), lab[:1], None if prompts is None else prompts[:1], w,
                       torch.Generator().manual_seed(seed + 1))
     g = torch.Generator().manual_seed(seed)
-    counter = _CallCounter(m.net)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        n_batches_total = -(-n // batch)
+        bar = tqdm(total=n_batches_total * steps, desc=f"sample {n} ({sampler}, {steps} steps)", unit="NFE",
+                   leave=False, mininterval=1.0)
+    counter = _CallCounter(m.net, bar)
     out, n_batches = [], 0
     try:
         _sync(m.device)

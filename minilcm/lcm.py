@@ -38,7 +38,7 @@ from torch import nn
 
 from .consistency import ConsistencyModel, LCMScalings, cm_sample, keep_out_of_state_dict, paired_forward, pseudo_huber
 from .diffusion import Sample, eps_to_x0, model_eps, q_sample
-from .schedules import Schedule, broadcast
+from .schedules import Schedule, broadcast, whole_number
 from .solvers import ddim_step
 from .train import ema_update
 
@@ -325,8 +325,10 @@ def lcm_timesteps(schedule: Schedule, n: int, original_steps: int = 50) -> torch
     """The n timesteps of ``LCMScheduler.set_timesteps(n)`` (float64, decreasing): n indices evenly spaced (floored)
     over the skipping grid with k = T // original_steps, read from its noisiest end (999, ...)."""
     grid = skipping_timesteps(schedule, schedule.T // original_steps).flip(0)  # (N,) decreasing
+    n = whole_number(n, "the number of LCM steps")
     if not 1 <= n <= len(grid):
-        raise ValueError(f"n must be in 1..{len(grid)} (original_steps={original_steps}), got {n}")
+        raise ValueError(f"the LCM student takes 1..{len(grid)} steps (its skipping grid over {original_steps} "
+                         f"teacher steps), got {n}")
     return grid[torch.floor(torch.arange(n, dtype=torch.float64) * len(grid) / n).long()]
 
 

@@ -50,7 +50,8 @@ class MiniSD:
 
         path = resolve_folder(name_or_path, "model_index.json",
                               "train it with `minilcm train autoencoder` then `minilcm train minisd`")
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+        pipe = _from_pretrained(StableDiffusionPipeline, path, "mini-SD pipeline", dtype=torch.float32,
+                                local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device)
 
@@ -120,6 +121,19 @@ class MiniSD:
         return torch.cat(out)
 
 
+def _from_pretrained(cls, path: Path, what: str, **kw):
+    """diffusers' ``from_pretrained`` with its failures (a truncated safetensors, a config of another width, a
+    missing file) as one-line CheckpointErrors instead of 40-line tracebacks."""
+    try:
+        return cls.from_pretrained(str(path), **kw)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e) or "shape" in msg:
+            msg = "its weights do not fit its config.json (a config of another size?)"
+        raise CheckpointError(f"the {what} in {path} cannot be loaded ({type(e).__name__}: {msg[:160]}); "
+                              "re-export it with the recipe, or restore the folder") from None
+
+
 def resolve_folder(name_or_path, marker: str, how: str) -> Path:
     """A shipped folder name or a path, checked for ``marker``; a clear error naming the fix otherwise."""
     try:
@@ -137,7 +151,7 @@ def load_lcm_student(name_or_path=LCM_NAME, device="cpu") -> ConsistencyModel:
     from diffusers import UNet2DConditionModel
 
     path = resolve_folder(name_or_path, "unet/config.json", "distil it with `minilcm train lcm`")
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), dtype=torch.float32)
+    unet = _from_pretrained(UNet2DConditionModel, path / "unet", "LCM student UNet", dtype=torch.float32)
     student = ConsistencyModel(unet.eval().to(device), Schedule("scaled_linear"), LCMScalings())
     student.meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
     return student

@@ -168,6 +168,7 @@ class Schedule:
         The integer grids have at most T entries; the continuous ones take any n (e.g. fine reference grids).
         """
         T = self.T
+        n = whole_number(n, "the number of steps")
         if spacing in ("leading", "trailing"):
             if t_max is not None or t_min != 0.0:
                 raise ValueError(f"{spacing} is diffusers' integer grid over the whole schedule: t_max and t_min "
@@ -190,6 +191,14 @@ class Schedule:
         ts = self.t_of_lam(torch.linspace(lam[0].item(), lam[1].item(), n, dtype=torch.float64))
         ts[0], ts[-1] = t_max, t_min  # exact ends (the bisection is accurate to ~1e-13)
         return ts
+
+
+def whole_number(n, what: str = "n") -> int:
+    """``n`` as an int when it is a whole number (3, 3.0, np.int64(3)); a clear ValueError for 2.5, nan or True."""
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not math.isfinite(n) \
+            or int(n) != n:
+        raise ValueError(f"{what} must be a whole number, got {n!r}")
+    return int(n)
 
 
 def broadcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,8 @@ def ddim_step(schedule, x: torch.Tensor, t: float, s: float, eps: torch.Tensor, 
     """
     ab_t, ab_s = alpha_bar_at(schedule, t), alpha_bar_at(schedule, s)
     x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM's noise), got {eta}")
     sig = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt() if eta > 0 else torch.tensor(0.0)
     out = ab_s.sqrt() * x0 + (1 - ab_s - sig ** 2).clamp(min=0).sqrt() * eps
     if eta > 0:
@@ -100,6 +102,8 @@ def ddim(model, x, schedule: Schedule, timesteps, *, eta: float = 0.0, cond=None
     generator). Fresh noise z ~ N(0, I) is drawn only for steps that end at a noisy time.
     This is diffusers' ``DDIMScheduler.step`` (clip_sample=False, set_alpha_to_one=True).
     """
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM's noise), got {eta}")
     traj = [x] if return_trajectory else None
     eps_fn = _Counted(model, cond)
     for t, s in _steps(schedule, timesteps, denoise_to_zero):

@@ -7,8 +7,12 @@
     ddpm         the Chapters 1-4 pixel DDPM teacher (class-conditional, CFG)  -> .../ddpm-cifar10
     cd           its consistency-distilled one-/two-step student (Chapter 4)    -> .../cd-cifar10
 
-Each stage trains in ``runs/<stage>`` (resumable: rerun the same command after an interruption) and exports
-fp16 weights with a ``meta.json``: config, steps, images seen, wall time, hardware, metrics and the git commit.
+Each stage trains in ``runs/<stage>-...`` (resumable: rerun the same command after an interruption, Ctrl-C or
+SIGTERM included) and exports fp16 weights with a ``meta.json``: config, steps, images seen, wall time, hardware,
+metrics and the git commit. The export goes to ``runs/<name>`` unless ``out`` is given; the shipped folder
+``data/checkpoints`` is written only with ``replace_shipped=True`` (``minilcm train STAGE --replace-shipped``), and
+an export is written as a unit (a temporary folder renamed into place), so a failure leaves the old one intact.
+A student records its teacher (name or path, and the sha256 of its weights, ``checkpoints.content_hash``).
 Sizes follow the profile (``MINILCM_PROFILE``): ``gpu`` is the full recipe; ``cpu`` is the CPU-sized fallback
 the course ships when no GPU was available (named as such in the metadata); ``fast`` is a smoke test.
 """
@@ -21,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import SHIPPED_DIR, save_model
+from .checkpoints import (SHIPPED_DIR, check_export, content_hash, default_export, is_shipped, resolve,
+                          save_model, staged_folder, strip_machine_paths)
 from .profiles import current, pick
 
 
@@ -46,13 +51,71 @@ def write_meta(folder: Path, meta: dict) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
+def export_target(out, name: str, replace_shipped: bool = False) -> Path:
+    """The folder a stage exports to, checked before any training: ``out``, else ``runs/<name>``, else (with
+    ``replace_shipped``) the shipped ``data/checkpoints/<name>``. Says what a replacement replaces."""
+    if out is None:
+        out = SHIPPED_DIR / name if replace_shipped else default_export(name)
+    out = check_export(out, replace_shipped, name)
+    if is_shipped(out) and out.exists():
+        old = out / "meta.json"
+        when = ""
+        if old.exists():
+            try:
+                m = json.loads(old.read_text())
+                when = f" (trained {m.get('date', '?')}, {m.get('steps', '?')} steps, profile {m.get('profile', '?')})"
+            except ValueError:
+                pass
+        print(f"--replace-shipped: the export will replace the shipped checkpoint {out}{when}")
+    else:
+        print(f"the export will go to {out}")
+    return Path(out)
+
+
+def teacher_record(teacher) -> dict:
+    """What a student stores about its teacher: a shipped name as is, else the absolute path; and the sha256 of
+    the teacher's weights, which loading checks."""
+    path = resolve(teacher)
+    name = path.name if is_shipped(path) else str(path.resolve())
+    return {"teacher": name, "teacher_sha256": content_hash(path)}
+
+
+def latent_cache(vae_folder: Path, n: int, encode_fn) -> torch.Tensor:
+    """CIFAR-10 train latents (the first ``n`` of a seeded subset, then their mirror images), cached under
+    ``runs/cache`` keyed by the autoencoder's weights and the subset: another autoencoder never reuses them.
+    ``encode_fn(images, flip) -> latents``. Written atomically by whichever stage computes it first."""
+    import os
+
+    from .datasets import cifar10
+
+    train_set = cifar10("train")
+    key = content_hash(vae_folder)[:16]
+    cache = Path("runs") / "cache" / f"minisd-latents-{key}-n{n}-seed0.pt"
+    if cache.exists():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # an unreadable cache is rebuilt
+            cache.unlink(missing_ok=True)
+    part = train_set.subset(n) if n < len(train_set) else train_set
+    z = torch.cat([encode_fn(part.images, False), encode_fn(part.images, True)])  # hflip augmentation
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(z, tmp)
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return z
+
+
 def _tail_mean(losses, k: int = 100) -> float:
     """The mean of the last k losses: the ``final_loss`` every stage records."""
     return sum(losses[-k:]) / max(1, len(losses[-k:]))
 
 
 # ---- stage 1: the evaluator ---------------------------------------------------------------------------
-def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                    replace_shipped: bool = False) -> dict:
     """Train the CIFAR-10 evaluator classifier, measure its test accuracy, export it with the test-set feature
     statistics (FD-clf's reference). Returns the metadata written beside the weights."""
     import numpy as np
@@ -62,6 +125,7 @@ def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress
                             features)
     from .train import TrainConfig, train
 
+    out = export_target(out, EVALUATOR_NAME, replace_shipped)
     widths = pick(fast=(8, 16, 16, 16), cpu=(64, 128, 256, 256), gpu=(64, 128, 256, 256))
     epochs = pick(fast=0.02, cpu=15, gpu=20)
     batch = 256
@@ -80,7 +144,6 @@ def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress
         acc_ema = accuracy(res.ema, test_set.images, test_set.labels)
     best = res.ema if acc_ema >= acc_model else res.model
     # fp16 export: measure what ships (weights rounded to fp16, evaluated in fp32)
-    out = Path(out) if out else SHIPPED_DIR / EVALUATOR_NAME
     shipped = EvaluatorNet(widths)
     shipped.load_state_dict({k: v.half().float() if v.is_floating_point() else v
                              for k, v in best.state_dict().items()})
@@ -97,10 +160,11 @@ def train_evaluator(out: str | Path | None = None, device: str = "cpu", progress
                         "fd_clf_train10k_vs_test": round(fd_train_test, 3)},
             "note": "FD-clf: Fréchet distance in this classifier's features; a proxy for FID, not comparable to it",
             **provenance(seconds, device)}
-    save_model(shipped, out, **{k: v for k, v in meta.items() if k != "train_config"})
-    np.savez(out / REFERENCE_STATS, mu=mu, sigma=sigma)
-    write_meta(out, meta)
-    return meta
+    with staged_folder(out) as tmp:
+        save_model(shipped, tmp, **{k: v for k, v in meta.items() if k != "train_config"})
+        np.savez(tmp / REFERENCE_STATS, mu=mu, sigma=sigma)
+        write_meta(tmp, meta)
+    return {**meta, "exported_to": str(out)}
 
 
 # ---- stages 2-4: the mini Stable Diffusion of Chapter 5 -------------------------------------------------
@@ -114,7 +178,8 @@ def _save_diffusers(model, folder: Path) -> None:
     copy.deepcopy(model).to(torch.float16).save_pretrained(str(folder))
 
 
-def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                      replace_shipped: bool = False) -> dict:
     """Train the mini-SD AutoencoderKL (f = 4) on CIFAR-10, measure reconstructions and the latent scaling factor,
     and save it as ``<out>/vae`` (a diffusers AutoencoderKL folder with ``scaling_factor`` in its config)."""
     from .datasets import cifar10
@@ -122,6 +187,7 @@ def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progre
     from .models.sd import minisd_vae
     from .train import TrainConfig, train
 
+    out = export_target(out, MINISD_NAME, replace_shipped)
     size = pick(fast="tiny", cpu="mini", gpu="mini")
     steps = pick(fast=3, cpu=2500, gpu=20_000)
     batch = pick(fast=8, cpu=64, gpu=128)
@@ -152,15 +218,19 @@ def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progre
         metrics["fd_clf_reconstructions_10k"] = round(ev.fd(decode(vae, encode(vae, test_set.images))), 3)
     except Exception as e:  # the evaluator stage has not run yet
         metrics["fd_clf_reconstructions_10k"] = f"not measured ({type(e).__name__})"
-    out = Path(out) if out else SHIPPED_DIR / MINISD_NAME
-    _save_diffusers(vae, out / "vae")
     meta = {"stage": "autoencoder", "size": size, "steps": steps, "images_seen": steps * batch,
             "metrics": metrics, **provenance(seconds, device)}
-    (out / "vae" / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    return meta
+    with staged_folder(out / "vae") as tmp:
+        _save_diffusers(vae, tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    if (out / "unet").exists():
+        print(f"note: {out / 'unet'} was trained on the previous autoencoder's latents: retrain it with "
+              f"`minilcm train minisd --out {out}`")
+    return {**meta, "exported_to": str(out / "vae")}
 
 
-def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                 replace_shipped: bool = False) -> dict:
     """Train the mini-SD teacher: a UNet2DConditionModel on the autoencoder's CIFAR-10 latents, conditioned on
     class captions through a frozen, randomly initialised CLIP text encoder, with 10% caption dropout (CFG).
     Saves the whole StableDiffusionPipeline (vae/ from the autoencoder stage) to ``out``."""
@@ -175,9 +245,10 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     from .schedules import Schedule
     from .train import TrainConfig, train
 
-    out = Path(out) if out else SHIPPED_DIR / MINISD_NAME
+    out = export_target(out, MINISD_NAME, replace_shipped)
     if not (out / "vae").exists():
-        raise FileNotFoundError(f"{out / 'vae'} is missing: run `minilcm train autoencoder` first")
+        raise FileNotFoundError(f"{out / 'vae'} is missing: run `minilcm train autoencoder"
+                                f"{'' if out == default_export(MINISD_NAME) else ' --out ' + str(out)}` first")
     vae = AutoencoderKL.from_pretrained(str(out / "vae"), dtype=torch.float32).eval()
     sf = vae.config.scaling_factor
     tok = build_tokenizer()
@@ -190,15 +261,7 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     batch = pick(fast=8, cpu=128, gpu=256)
     train_set = cifar10("train")
     n = pick(fast=64, cpu=len(train_set), gpu=len(train_set))
-    cache = Path(f"runs/minisd-latents-{n}.pt")
-    if cache.exists():
-        z = torch.load(cache)
-    else:
-        part = train_set.subset(n) if n < len(train_set) else train_set
-        z = torch.cat([encode(vae, part.images, scaling_factor=sf),
-                       encode(vae, part.images, scaling_factor=sf, flip=True)])  # hflip augmentation
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(z, cache)
+    z = latent_cache(out / "vae", n, lambda x, flip: encode(vae, x, scaling_factor=sf, flip=flip))
     part = train_set.subset(n) if n < len(train_set) else train_set
     data = LatentSet(z, part.labels.repeat(2), caps)
     unet = minisd_unet(size, cross_attention_dim=te.config.hidden_size,
@@ -208,29 +271,29 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=pick(fast=1e-3, cpu=1e-3, gpu=3e-4),
                       warmup_steps=min(200, steps // 10), lr_decay="cosine", ema_decay=pick(fast=0.9, cpu=0.999,
                                                                                              gpu=0.9999),
-                      amp_cpu=False, device=device, ckpt_dir=f"runs/minisd-{size}-{steps}",
+                      amp_cpu=False, device=device, ckpt_dir=f"runs/minisd-{size}-{steps}-{content_hash(out / 'vae')[:8]}",
                       ckpt_every=max(50, steps // 30), progress=progress, desc="mini-SD teacher UNet")
     t0 = time.perf_counter()
     res = train(unet, loss, data, cfg)
     seconds = time.perf_counter() - t0
     pipe = assemble_pipeline(res.ema.eval(), vae, te, tok, sd_scheduler("ddim"))
-    folder = out
-    folder.mkdir(parents=True, exist_ok=True)
-    vae_meta = (folder / "vae" / "meta.json").read_text() if (folder / "vae" / "meta.json").exists() else "{}"
-    pipe.to(torch.float16).save_pretrained(str(folder))
-    pipe.to(torch.float32)
-    (folder / "vae" / "meta.json").write_text(vae_meta)
+    vae_meta = (out / "vae" / "meta.json").read_text() if (out / "vae" / "meta.json").exists() else "{}"
+    with staged_folder(out) as folder:
+        pipe.to(torch.float16).save_pretrained(str(folder))
+        pipe.to(torch.float32)
+        (folder / "vae" / "meta.json").write_text(vae_meta)
+        strip_machine_paths(folder)
     meta = {"stage": "minisd", "unet_size": size, "unet_params": sum(p.numel() for p in unet.parameters()),
             "text_encoder": "CLIPTextModel (2 layers, 64 wide), random init, frozen", "captions": CAPTION_TEMPLATES,
             "cond_drop": 0.1, "schedule": "scaled_linear", "steps": steps, "images_seen": steps * batch,
             "final_loss": round(_tail_mean(res.losses), 5),
             **provenance(seconds, device)}
-    write_meta(folder, meta)
-    return meta
+    write_meta(out, meta)
+    return {**meta, "exported_to": str(out)}
 
 
 def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
-              teacher: str | Path = MINISD_NAME) -> dict:
+              teacher: str | Path = MINISD_NAME, replace_shipped: bool = False) -> dict:
     """Latent consistency distillation (Luo et al. 2023, Algorithm 1) of the mini-SD teacher into a w-conditioned
     student (``lcm.lcm_student``: the teacher's UNet copied, a zero-initialised w input added), on the cached
     CIFAR-10 latents with the class captions. Saves the student UNet (fp16) and an LCMScheduler to ``out``."""
@@ -241,15 +304,13 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
     from .models.sd import CAPTION_TEMPLATES, class_caption_table, sd_scheduler
     from .train import TrainConfig, train
 
+    out = export_target(out, LCM_NAME, replace_shipped)
     sd = MiniSD.load(teacher, device="cpu")
+    record = teacher_record(teacher)
     train_set = cifar10("train")
     n = pick(fast=64, cpu=len(train_set), gpu=len(train_set))
     part = train_set.subset(n) if n < len(train_set) else train_set
-    cache = Path(f"runs/minisd-latents-{n}.pt")
-    if cache.exists():
-        z = torch.load(cache)
-    else:
-        z = torch.cat([sd.encode(part.images), sd.encode(part.images.flip(3))])
+    z = latent_cache(resolve(teacher) / "vae", n, lambda x, flip: sd.encode(x.flip(3) if flip else x))
     caps = sd.embed(class_caption_table()).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
     data = LatentSet(z, part.labels.repeat(2), caps)
     w_min, w_max, k = 0.0, 4.0, 20
@@ -260,21 +321,22 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
     batch = pick(fast=4, cpu=64, gpu=256)
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=pick(fast=1e-4, cpu=1e-4, gpu=5e-5), warmup_steps=min(50, steps),
                       ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.999), device=device, amp=False,
-                      ckpt_dir=f"runs/lcm-{steps}", ckpt_every=max(50, steps // 30), progress=progress,
+                      ckpt_dir=f"runs/lcm-{steps}-{record['teacher_sha256'][:8]}", ckpt_every=max(50, steps // 30), progress=progress,
                       desc="LCD of the mini-SD")
     t0 = time.perf_counter()
     res = train(student, loss, data, cfg)
     seconds = time.perf_counter() - t0
-    out = Path(out) if out else SHIPPED_DIR / LCM_NAME
-    _save_diffusers(res.ema.net, out / "unet")
-    sd_scheduler("lcm").save_pretrained(str(out / "scheduler"))
-    meta = {"stage": "lcm", "teacher": str(teacher), "k": k, "w_min": w_min, "w_max": w_max, "mu": 0.95,
+    meta = {"stage": "lcm", **record, "k": k, "w_min": w_min, "w_max": w_max, "mu": 0.95,
             "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
             "w_dim": 256, "distance": "pseudo_huber", "steps": steps, "images_seen": steps * batch,
             "final_loss": round(_tail_mean(res.losses), 6),
             **provenance(seconds, device)}
-    write_meta(out, meta)
-    return meta
+    with staged_folder(out) as tmp:
+        _save_diffusers(res.ema.net, tmp / "unet")
+        sd_scheduler("lcm").save_pretrained(str(tmp / "scheduler"))
+        strip_machine_paths(tmp)
+        write_meta(tmp, meta)
+    return {**meta, "exported_to": str(out)}
 
 
 # ---- stages 5-6: the pixel-space CIFAR-10 models of Chapters 1-4 ------------------------------------------
@@ -301,20 +363,24 @@ def _sample_metrics(folder: Path, runs: list[tuple[str, int]], n: int, w: float,
 
 
 def _export_pixel(model, out: Path, meta: dict, runs, w: float, device: str) -> dict:
-    """Export a pixel model (fp16) with its metadata, then measure what ships and write the metrics beside it."""
-    save_model(model.cpu(), out, **meta)  # export first: the metrics sample the fp16 weights that ship
-    meta["metrics"] = _sample_metrics(out, runs, pick(fast=8, cpu=1000, gpu=2000), w, device)
-    save_model(model.cpu(), out, **meta)
-    write_meta(out, meta)
-    return meta
+    """Export a pixel model (fp16) with its metadata, then measure what ships and write the metrics beside it
+    (all in a staging folder that replaces ``out`` only when everything is written)."""
+    with staged_folder(out) as tmp:
+        save_model(model.cpu(), tmp, **meta)  # export first: the metrics sample the fp16 weights that ship
+        meta["metrics"] = _sample_metrics(tmp, runs, pick(fast=8, cpu=1000, gpu=2000), w, device)
+        save_model(model.cpu(), tmp, **meta)
+        write_meta(tmp, meta)
+    return {**meta, "exported_to": str(out)}
 
 
 
-def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
+               replace_shipped: bool = False) -> dict:
     """Train the Chapters 1-4 pixel DDPM teacher (``recipes.cifar_teacher``: a class-conditional UNet2DModel in
     ``EDMPrecond`` with the SNR+1 weighting, 10% null-class dropout for CFG, linear schedule, hflip) and export its EMA weights in fp16 as ``ddpm-cifar10``."""
     from .recipes import TEACHER_NAME, CifarTeacherRecipe, cifar_teacher
 
+    out = export_target(out, TEACHER_NAME, replace_shipped)
     recipe = CifarTeacherRecipe(
         size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=3, cpu=6000, gpu=40_000),
         batch_size=pick(fast=8, cpu=64, gpu=128), lr=pick(fast=1e-3, cpu=1e-3, gpu=2e-4),
@@ -324,7 +390,6 @@ def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: boo
     model, info = cifar_teacher(recipe, use_shipped=False, device=device, progress=progress,
                                 ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}")
     seconds = time.perf_counter() - t0
-    out = Path(out) if out else SHIPPED_DIR / TEACHER_NAME
     meta = {"stage": "ddpm", "schedule": recipe.schedule, "recipe": dict(vars(recipe)),
             "params": sum(p.numel() for p in model.parameters()), "steps": recipe.steps,
             "images_seen": recipe.steps * recipe.batch_size,
@@ -333,13 +398,14 @@ def train_ddpm(out: str | Path | None = None, device: str = "cpu", progress: boo
 
 
 def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
-             teacher: str | Path = "ddpm-cifar10") -> dict:
+             teacher: str | Path = "ddpm-cifar10", replace_shipped: bool = False) -> dict:
     """Consistency-distil the pixel DDPM teacher (``recipes.cifar_cd_student``: Heun on the N = 18 Karras grid,
     mu = 0.95, pseudo-Huber; the teacher's null-class model, as Song et al. 2023 distil unconditionally) and export
     the student's EMA weights in fp16 as ``cd-cifar10``."""
     from .generate import load_model_folder
     from .recipes import CD_NAME, CifarCDRecipe, cifar_cd_student
 
+    out = export_target(out, CD_NAME, replace_shipped)
     t = load_model_folder(teacher, device=device)
     if t.kind != "pixel-teacher":
         raise ValueError(f"{teacher} holds a {t.kind} model; `minilcm train cd` distils a pixel DDPM teacher "
@@ -350,10 +416,13 @@ def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool 
         ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.9999))
     t0 = time.perf_counter()
     student, info = cifar_cd_student(recipe, teacher=t.model.float(), use_shipped=False, device=device,
-                                     progress=progress, ckpt_dir=f"runs/cd-{recipe.steps}")
+                                     progress=progress, ckpt_dir=f"runs/cd-{recipe.steps}-{content_hash(resolve(teacher))[:8]}")
     seconds = time.perf_counter() - t0
-    out = Path(out) if out else SHIPPED_DIR / CD_NAME
-    meta = {"stage": "cd", "teacher": str(teacher), "recipe": dict(vars(recipe)),
+    meta = {"stage": "cd", **teacher_record(teacher), "recipe": dict(vars(recipe)),
             "steps": recipe.steps, "images_seen": recipe.steps * recipe.batch_size,
             "final_loss": round(_tail_mean(info["losses"]), 6), **provenance(seconds, device)}
     return _export_pixel(student, out, meta, [("cm", 1), ("cm", 2)], 0.0, device)
+
+
+STAGES = {"evaluator": train_evaluator, "autoencoder": train_autoencoder, "minisd": train_minisd, "lcm": train_lcm,
+          "ddpm": train_ddpm, "cd": train_cd}

@@ -7,7 +7,11 @@
   has ``after_step(model, step)`` that is called after every optimizer step (e.g. to update an EMA target).
 * ``data(n, generator) -> batch``: a tensor or a tuple of tensors (e.g. ``GaussianMixture``, ``ImageSet``).
 * AdamW, linear warm-up, gradient clipping, an EMA copy, bf16 autocast on CUDA, a tqdm bar.
-* Checkpoints (safetensors + JSON) with every random state, so a resumed run equals an uninterrupted one.
+* Checkpoints (safetensors + JSON) with every random state, so a resumed run equals an uninterrupted one,
+  bit for bit on the CPU; written every ``ckpt_every`` steps, every ``ckpt_minutes`` of wall clock, at the end,
+  and on SIGINT / SIGTERM: the step in flight finishes, a consistent checkpoint is saved, and
+  ``errors.TrainingInterrupted`` ("stopped at step N of M; rerun the same command to resume") is raised. A
+  second signal stops at once (the previous checkpoint stays: a checkpoint is one file, renamed into place).
 * A NaN guard: a non-finite loss or gradient stops training before the weights change, and the last
   good checkpoint is kept.
 * Options for large models (Chapter 6; all off by default): fp16 autocast with a GradScaler (``amp_dtype``),
@@ -20,6 +24,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import TrainingInterrupted
 from .checkpoints import (CheckpointError, load_checkpoint, load_into, model_config, prefixed, save_checkpoint,
                           unprefixed)
 
@@ -47,7 +54,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     ckpt_dir: str | None = None   # where checkpoints live; resume from here if one exists
-    ckpt_every: int = 0           # 0: only at the end (and on Ctrl-C)
+    ckpt_every: int = 0           # 0: only at the end (and on Ctrl-C / SIGTERM)
+    ckpt_minutes: float = 2.0     # also checkpoint after this much wall clock since the last one (0: off)
     device: str | None = None     # None: cuda if available, else cpu
     amp: bool = True              # bf16 autocast on CUDA
     amp_cpu: bool = False         # bf16 autocast on CPU too (fast with AMX/AVX512-bf16: ~3x for convnets)
@@ -97,11 +105,14 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> dict:
     return out
 
 
-def _load_optim(opt, tensors, groups):
+def _load_optim(opt, tensors, groups, where):
     state = {}
     for k, v in unprefixed(tensors, "optim").items():
         i, name = k.split(".", 1)
         state.setdefault(int(i), {})[name] = v
+    if len({frozenset(st) for st in state.values()}) > 1:  # an older minilcm saved mid-step on Ctrl-C
+        raise CheckpointError(f"the checkpoint in {where} holds a half-updated optimizer (written while a step was "
+                              "interrupted); delete the folder to start afresh")
     sd = opt.state_dict()
     for g, saved in zip(sd["param_groups"], groups):
         g.update({k: v for k, v in saved.items() if k != "params"})
@@ -182,7 +193,7 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
             load_into(ema, unprefixed(tensors, "ema"), meta.get("model_config"), str(ckpt))
         if isinstance(loss_fn, nn.Module):
             loss_fn.load_state_dict(unprefixed(tensors, "loss"))
-        _load_optim(opt, tensors, meta["param_groups"])
+        _load_optim(opt, tensors, meta["param_groups"], ckpt)
         gen.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
         if device.type == "cuda" and "rng.cuda" in tensors:
@@ -198,10 +209,13 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
             torch.manual_seed(cfg.seed + 1_000_003 * rank + start)
 
     log = open(cfg.log_file, "a") if cfg.log_file and main else None
-    t0 = t_last = time.perf_counter()
+    t0 = t_last = t_saved = time.perf_counter()
+    stop = _StopRequest(sync=acc if world > 1 else None)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
                disable=not (cfg.progress and main), leave=False, mininterval=2.0)  # few redraws: notebooks stay small
+    done = start
     try:
+        stop.install()
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = learning_rate(cfg, step)
@@ -238,17 +252,65 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
                 t_last = now
             if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-                save(step + 1)
-    except KeyboardInterrupt:
-        save(len(losses))  # every completed step is kept: rerun the same call to resume
-        raise
+            done = step + 1
+            due = bool(cfg.ckpt_minutes and ckpt is not None and time.perf_counter() - t_saved >= 60 * cfg.ckpt_minutes)
+            signum, due = stop.poll(due)
+            if signum is not None:
+                stop.restore()
+                save(done)  # every completed step is kept
+                raise TrainingInterrupted(done, cfg.steps, signum, saved_to=ckpt)
+            if done < cfg.steps and (due or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
+                save(done)
+                t_saved = time.perf_counter()
     finally:
+        stop.restore()
         bar.close()
         if log is not None:
             log.close()
     save(cfg.steps)
     return TrainResult(model, ema, losses, cfg.steps, time.perf_counter() - t0, start)
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM become a request that the loop honours between steps (so an optimizer step is never cut in
+    half). A second signal raises KeyboardInterrupt at once. Handlers are installed only in the main thread and
+    restored afterwards. With several processes (``sync``: an accelerate.Accelerator) the request, and the
+    wall-clock checkpoint decision, are max-reduced across ranks so every rank stops, or saves, at the same step."""
+
+    def __init__(self, sync=None):
+        self.signum, self.sync, self.old = None, sync, {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self._handler)
+            except (ValueError, OSError):
+                pass
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+    def poll(self, due: bool):
+        """(signal number or None, whether a checkpoint is due), agreed by every rank."""
+        if self.sync is None:
+            return self.signum, due
+        import torch.distributed as dist
+
+        t = torch.tensor([self.signum or 0, int(due)], device=self.sync.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        signum = int(t[0])
+        return (signum or None), bool(t[1])
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

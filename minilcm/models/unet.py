@@ -32,6 +32,11 @@ class EpsUNet(nn.Module):
     def forward(self, x, t, class_labels=None):
         if x.ndim != 4 or x.shape[1] != self.unet.config.in_channels:
             raise ValueError(f"expected images (B, {self.unet.config.in_channels}, H, W), got {tuple(x.shape)}")
+        size = self.unet.config.sample_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(x.shape[-2:]) != size:
+            raise ValueError(f"this UNet was built for {size[0]}x{size[1]} images, got {x.shape[-2]}x{x.shape[-1]}: "
+                             "resize the input or build the UNet with sample_size=...")
         if self.num_classes is not None and class_labels is None:
             class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         elif self.num_classes is None and class_labels is not None:
