@@ -152,8 +152,11 @@ def resolve(name_or_path) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(sorted(available())) or "none yet"
-    raise CheckpointError(f"no checkpoint named or found at {name_or_path!r}. Shipped checkpoints: {names}. "
-                          "Train one with the course's recipe or pass a folder path.")
+    if os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        raise CheckpointError(f"no checkpoint folder at {name_or_path}: check the path, or use a shipped name "
+                              f"({names})")
+    raise CheckpointError(f"no shipped checkpoint named {name_or_path!r} (shipped: {names}): pass a folder path, "
+                          "or train it with the course's recipe (`minilcm train STAGE`)")
 
 
 def shipped_dir() -> Path:

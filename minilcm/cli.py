@@ -103,17 +103,20 @@ def train_stage(args) -> int:
 
 def writable_out(out: Path, force: bool, *extra: Path) -> None:
     """Fail before any work when ``out`` (and the files written beside it) cannot be written, or exist and
-    ``--force`` was not given."""
-    import os
+    ``--force`` was not given. Writability is probed by creating (and removing) a file in the nearest existing
+    folder: permission bits alone say nothing for root or on a read-only mount."""
+    import tempfile
 
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise ValueError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {probe} is not writable; choose another --out")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {probe} ({e.strerror or type(e).__name__}); choose another "
+                         "--out") from None
     for f in (out, *extra):
         if f.is_dir():
             raise ValueError(f"--out {out}: {f} is a folder; name a file")
@@ -139,7 +142,7 @@ def sample(args) -> int:
     """Sample images from a checkpoint (minilcm.generate) and write FILE.npz (images, labels) and FILE.png."""
     import numpy as np
 
-    from .generate import check_request, generate, load_model_folder
+    from .generate import check_request, generate, guidance_range, load_model_folder
 
     out = Path(args.out)
     if out.suffix != ".npz":
@@ -152,9 +155,17 @@ def sample(args) -> int:
     t0 = time.perf_counter()
     model = load_model_folder(args.model, device=args.device)
     load_s = time.perf_counter() - t0
-    res = generate(model, args.sampler, args.steps, args.n, w=args.guidance, class_=args.class_,
-                   prompt=args.prompt, seed=args.seed, batch=args.batch, device=args.device,
-                   progress=not args.quiet)
+    rng = guidance_range(model) if model.conditional != "none" else None
+    if rng is not None and not rng[0] <= args.guidance <= rng[1]:
+        print(f"minilcm sample: warning: w = {args.guidance:g} is outside the range this student was distilled on, "
+              f"w in [{rng[0]:g}, {rng[1]:g}] (LCM convention): expect poor images", file=sys.stderr)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning above, once
+        res = generate(model, args.sampler, args.steps, args.n, w=args.guidance, class_=args.class_,
+                       prompt=args.prompt, seed=args.seed, batch=args.batch, device=args.device,
+                       progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save_npz(tmp):
@@ -221,8 +232,16 @@ def bench(args) -> int:
 USER_ERRORS = (UserError, ValueError, OSError, ImportError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error: one line naming the problem and where the help is (exit code 2), instead of
+    the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="minilcm", description="minilcm: from DDPM to latent consistency models. "
+    p = _Parser(prog="minilcm", description="minilcm: from DDPM to latent consistency models. "
                                 "A user error prints one short message and exits with code 2; --debug (or "
                                 "MINILCM_DEBUG=1) shows the traceback.")
     p.add_argument("--debug", action="store_true", help="show tracebacks (same as MINILCM_DEBUG=1)")
@@ -289,9 +308,6 @@ def main(argv=None) -> int:
 
     register_sd_distill(sub)  # minilcm sd-distill (Chapter 6)
     args = p.parse_args(argv)
-    import warnings
-
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"minilcm {args.cmd}: warning: {msg}\n"
     try:
         from .profiles import current
 

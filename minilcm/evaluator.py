@@ -194,7 +194,7 @@ class InceptionFeatures(nn.Module):
         if weights is None:
             raise FileNotFoundError(INCEPTION_HELP)
         net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        net.load_state_dict(torch.load(weights, map_location="cpu"))
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         net.fc = nn.Identity()
         self.net = net.eval()
 

@@ -124,6 +124,15 @@ class MiniSD:
 def _from_pretrained(cls, path: Path, what: str, **kw):
     """diffusers' ``from_pretrained`` with its failures (a truncated safetensors, a config of another width, a
     missing file) as one-line CheckpointErrors instead of 40-line tracebacks."""
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()  # "Loading pipeline components": a tiny model loads in a blink
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         return cls.from_pretrained(str(path), **kw)
     except Exception as e:

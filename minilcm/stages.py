@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (SHIPPED_DIR, check_export, content_hash, default_export, is_shipped, resolve,
-                          save_model, staged_folder, strip_machine_paths)
+                          save_model, shipped_dir, staged_folder, strip_machine_paths)
 from .profiles import current, pick
 
 
@@ -55,7 +55,7 @@ def export_target(out, name: str, replace_shipped: bool = False) -> Path:
     """The folder a stage exports to, checked before any training: ``out``, else ``runs/<name>``, else (with
     ``replace_shipped``) the shipped ``data/checkpoints/<name>``. Says what a replacement replaces."""
     if out is None:
-        out = SHIPPED_DIR / name if replace_shipped else default_export(name)
+        out = shipped_dir() / name if replace_shipped else default_export(name)
     out = check_export(out, replace_shipped, name)
     if is_shipped(out) and out.exists():
         old = out / "meta.json"

@@ -262,12 +262,14 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
             if done < cfg.steps and (due or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
                 save(done)
                 t_saved = time.perf_counter()
+        save(cfg.steps)  # still under the handlers: a signal now waits for this save
+        if stop.signum is not None:
+            raise TrainingInterrupted(cfg.steps, cfg.steps, stop.signum, saved_to=ckpt)
     finally:
         stop.restore()
         bar.close()
         if log is not None:
             log.close()
-    save(cfg.steps)
     return TrainResult(model, ema, losses, cfg.steps, time.perf_counter() - t0, start)
 
 

@@ -18,34 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Tiny random models of every kind, saved as the shipped ones are: {"sd", "lcm", "ev", "ddpm", "cd", "unc"}."""
-    from minilcm.consistency import CMScalings, ConsistencyModel
-    from minilcm.evaluator import REFERENCE_STATS, EvaluatorNet, feature_stats, features
-    from minilcm.lcm import lcm_student
-    from minilcm.models import cifar_unet
-    from minilcm.models.sd import tiny_sd_pipeline
-    from minilcm.schedules import Schedule
-
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    pipe = tiny_sd_pipeline(d / "sd")
-    student = lcm_student(pipe.unet, Schedule("scaled_linear"), w_dim=256)
-    student.net.save_pretrained(str(d / "lcm" / "unet"))
-    (d / "lcm" / "meta.json").write_text(json.dumps({"stage": "lcm", "teacher": str(d / "sd")}))
-    ev = EvaluatorNet((8, 16, 16, 16)).eval()
-    checkpoints.save_model(ev, d / "ev")
-    ref = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    mu, sigma = feature_stats(features(ev, ref))
-    np.savez(d / "ev" / REFERENCE_STATS, mu=mu, sigma=sigma)
-    checkpoints.save_model(cifar_unet("tiny", num_classes=10), d / "ddpm", schedule="linear")
-    checkpoints.save_model(ConsistencyModel(cifar_unet("tiny", num_classes=10), Schedule("linear"), CMScalings(0.5)),
-                           d / "cd")
-    checkpoints.save_model(cifar_unet("tiny"), d / "unc")
-    return {k: str(d / k) for k in ("sd", "lcm", "ev", "ddpm", "cd", "unc")}
-
-
-@pytest.fixture(scope="session")
 def loaded(tiny):
     return {k: load_model_folder(tiny[k]) for k in ("sd", "lcm", "ddpm", "cd", "unc")}
 
