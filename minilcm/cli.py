@@ -56,7 +56,16 @@ def demo(args) -> int:
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(args.n, 2, generator=g)
-    samples = ddpm(res.ema, x_T, schedule, schedule.timesteps(1000), generator=g).x
+    from tqdm.auto import tqdm
+
+    from .generate import NFECounter
+
+    counter = NFECounter(res.ema, tqdm(total=1000, desc=f"sample {args.n} points, 1000-step DDPM", unit="NFE",
+                                         leave=False, mininterval=1.0))
+    try:
+        samples = ddpm(res.ema, x_T, schedule, schedule.timesteps(1000), generator=g).x
+    finally:
+        counter.close()
     times[f"sample {args.n} points, 1000-step DDPM"] = time.perf_counter() - t0
 
     ref, _ = data.sample(args.n, torch.Generator().manual_seed(2))

@@ -258,7 +258,7 @@ def cm_steps(schedule: Schedule, steps: int, N: int = 18, t_min: float = 0.0) ->
     return [grid[N - (i * N) // steps] for i in range(steps)]
 
 
-class _CallCounter:
+class NFECounter:
     """Counts forward calls of a module (each is one network evaluation, whatever its batch)."""
 
     def __init__(self, module: torch.nn.Module, bar=None):
@@ -392,7 +392,7 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
         n_batches_total = -(-n // batch)
         bar = tqdm(total=n_batches_total * steps, desc=f"sample {n} ({sampler}, {steps} steps)", unit="NFE",
                    leave=False, mininterval=1.0)
-    counter = _CallCounter(m.net, bar)
+    counter = NFECounter(m.net, bar)
     out, n_batches = [], 0
     try:
         _sync(m.device)
