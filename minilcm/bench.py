@@ -252,11 +252,14 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
     res["files"] = {}
     if out is not None:
         out = Path(out)
+        from .checkpoints import atomic_write
+
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.md").write_text(res["table"])
-        (out / "bench.json").write_text(json.dumps({k: v for k, v in res.items() if k != "files"}, indent=1))
-        plot_model_benchmark(rows, out / "bench.png", title=f"minilcm bench, n = {n}, w = {w:g} "
-                                                            f"({header['hardware']})")
+        atomic_write(out / "bench.md", lambda tmp: tmp.write_text(res["table"]))
+        atomic_write(out / "bench.json", lambda tmp: tmp.write_text(
+            json.dumps({k: v for k, v in res.items() if k != "files"}, indent=1)))
+        atomic_write(out / "bench.png", lambda tmp: plot_model_benchmark(
+            rows, tmp, title=f"minilcm bench, n = {n}, w = {w:g} ({header['hardware']})"))
         res["files"] = {k: str(out / f"bench.{k}") for k in ("md", "json", "png")}
     return res
 

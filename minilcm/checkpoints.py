@@ -44,14 +44,16 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     text = json.dumps(meta, indent=1)
-    _atomic(path / STATE, lambda tmp: save_file(flat, str(tmp), metadata={META_KEY: text}))
-    _atomic(path / CONFIG, lambda tmp: tmp.write_text(text))
+    atomic_write(path / STATE, lambda tmp: save_file(flat, str(tmp), metadata={META_KEY: text}))
+    atomic_write(path / CONFIG, lambda tmp: tmp.write_text(text))
     return path
 
 
-def _atomic(target: Path, write) -> None:
-    """``write(tmp)`` then rename ``tmp`` onto ``target``; on any failure the temporary file is removed."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+def atomic_write(target: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` onto ``target``; on any failure (disk full, Ctrl-C) the temporary file
+    is removed, so no partial file survives. ``tmp`` keeps ``target``'s suffix (savefig and np.savez read it)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.partial{target.suffix}")
     try:
         write(tmp)
         os.replace(tmp, target)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .checkpoints import atomic_write
 from .errors import TrainingInterrupted, UserError, debug, short
 
 
@@ -133,20 +134,6 @@ def writable_out(out: Path, force: bool, *extra: Path) -> None:
             raise ValueError(f"{f} exists; pass --force to overwrite it, or choose another --out")
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a hidden temporary name beside ``path``, then rename: no partial file survives a
-    failure (disk full included)."""
-    import os
-
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def sample(args) -> int:
     """Sample images from a checkpoint (minilcm.generate) and write FILE.npz (images, labels) and FILE.png."""
     import numpy as np
@@ -227,6 +214,7 @@ def bench(args) -> int:
     if not math.isfinite(args.w):
         raise ValueError(f"--w must be a finite number, got {args.w}")
     n = args.n or pick(fast=20, cpu=1000, gpu=10_000)
+    writable_out(Path(args.out) / "bench.md", True)
     if args.device == "cuda" and not _has_cuda():
         raise ValueError("--device cuda but CUDA is not available here; use --device cpu")
     res = model_benchmark(n, args.w, args.out, device=args.device, seed=args.seed, batch=args.batch,
@@ -325,6 +313,11 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"minilcm {args.cmd}: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug or debug():
+            raise
+        print(f"minilcm {args.cmd}: interrupted (Ctrl-C); no partial output was kept", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         if args.debug or debug():
             raise

@@ -84,5 +84,5 @@ def test_export_round_trip_and_missing_checkpoint(tmp_path):
     assert meta["note"] == "hello"
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(CheckpointError, match="no checkpoint named"):
+    with pytest.raises(CheckpointError, match="no shipped checkpoint named .no-such-model.*pass a folder path"):
         load_model(fresh, "no-such-model")
