@@ -17,6 +17,7 @@ or ``caption``) or in a ``.txt`` file of the same name next to each image.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,28 +33,32 @@ class DataError(UserError, ValueError):
     """The caption data is missing, empty, or has images without captions."""
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message, cut to ``limit`` characters (libraries such as
+    huggingface_hub and datasets put 20-40 lines in theirs; the rest is what --debug shows)."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
 def folder_pairs(folder: str | Path) -> list[tuple[Path, str]]:
     """(image path, caption) for every image below ``folder`` (ImageFolder convention, see the module docstring)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"the data folder {folder} does not exist")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"no data folder {folder} (it {what}): check the path")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise DataError(f"the data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"the data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): put the images "
+                        "and their captions there, or pass another folder")
     captions: dict[Path, str] = {}
-    for meta in folder.rglob("metadata.jsonl"):
-        for i, line in enumerate(meta.read_text().splitlines()):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            key = next((k for k in CAPTION_KEYS if k in row), None)
-            if "file_name" not in row or key is None:
-                raise DataError(f"{meta}, line {i + 1}: need 'file_name' and one of {CAPTION_KEYS}, got {sorted(row)}")
-            captions[(meta.parent / row["file_name"]).resolve()] = str(row[key])
+    for meta in sorted(folder.rglob("metadata.jsonl")):
+        captions.update(_read_metadata(meta))
     pairs, missing = [], []
     for p in images:
         side = p.with_suffix(".txt")
-        text = captions.get(p.resolve(), side.read_text().strip() if side.exists() else None)
+        text = captions.get(p.resolve())
+        if text is None and side.is_file():
+            text = _read_text(side).strip()
         (pairs.append((p, text)) if text is not None else missing.append(p))
     if missing:
         names = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
@@ -62,15 +67,57 @@ def folder_pairs(folder: str | Path) -> list[tuple[Path, str]]:
     return pairs
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from e
+
+
+def _read_metadata(meta: Path) -> dict[Path, str]:
+    """{resolved image path: caption} from one metadata.jsonl; a bad line is a DataError naming file and line."""
+    example = '{"file_name": "img0.png", "text": "a photo of a cat"}'
+    out = {}
+    for i, line in enumerate(_read_text(meta).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta}, line {i + 1}: not valid JSON ({e.msg}, column {e.colno}): write one object "
+                            f"per line, e.g. {example}") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{meta}, line {i + 1}: expected a JSON object, got {type(row).__name__}: write one "
+                            f"object per line, e.g. {example}")
+        key = next((k for k in CAPTION_KEYS if k in row), None)
+        if "file_name" not in row or key is None:
+            raise DataError(f"{meta}, line {i + 1}: need 'file_name' and one of {CAPTION_KEYS}, got {sorted(row)}")
+        out[(meta.parent / str(row["file_name"])).resolve()] = str(row[key])
+    return out
+
+
+HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name``: what a Hugging Face hub id looks like (a path starting with / . or ~ does not)."""
+    return HUB_DATASET_ID.fullmatch(name) is not None
+
+
 def hub_pairs(name: str, split: str = "train", image_column: str = "image", caption_column: str | None = None,
               max_samples: int | None = None) -> list:
     """(PIL image, caption) rows of a Hugging Face ``datasets`` dataset (imported only here; may need network)."""
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"{name!r} is not a folder; to read it as a Hugging Face dataset: "
-                          "pip install datasets") from e
-    ds = datasets.load_dataset(name, split=split)
+        raise DataError(f"no data folder {name}: check the path (to read {name!r} as a Hugging Face dataset: "
+                        "pip install datasets)") from e
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, no such dataset, no such split, gated, ...: 20-40 lines of text
+        raise DataError(f"no data folder {name}, and it could not be loaded as a Hugging Face dataset "
+                        f"({type(e).__name__}: {first_line(e)}): check the path; a hub dataset needs network "
+                        "access (and a valid --split)") from e
     col = caption_column or next((k for k in CAPTION_KEYS if k in ds.column_names), None)
     if col is None or image_column not in ds.column_names:
         raise DataError(f"dataset {name!r} has columns {ds.column_names}: pass image_column / caption_column")
@@ -80,11 +127,17 @@ def hub_pairs(name: str, split: str = "train", image_column: str = "image", capt
 
 
 def caption_pairs(source, **hub_kwargs) -> list:
-    """A folder (if ``source`` is an existing directory, or looks like a path) or a `datasets` name."""
-    p = Path(str(source))
-    if p.is_dir() or p.is_absolute() or str(source).startswith((".", "~")) or p.exists():
+    """A folder (if ``source`` is an existing directory, or looks like a path), a `datasets` name (``owner/name``),
+    or a list of (image, caption) pairs (returned as it is)."""
+    if isinstance(source, list):
+        return source
+    name = str(source)
+    p = Path(name).expanduser()
+    if p.exists() or isinstance(source, Path) or not looks_like_hub_id(name):
+        if not p.exists():
+            raise DataError(f"no data folder {name} (and it is not a Hugging Face dataset name): check the path")
         return folder_pairs(p)
-    return hub_pairs(str(source), **hub_kwargs)
+    return hub_pairs(name, **hub_kwargs)
 
 
 def load_image(image, resolution: int) -> torch.Tensor:
@@ -92,8 +145,12 @@ def load_image(image, resolution: int) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    img = image if isinstance(image, Image.Image) else Image.open(image)
-    img = TF.center_crop(TF.resize(img.convert("RGB"), resolution, antialias=True), resolution)
+    try:
+        img = image if isinstance(image, Image.Image) else Image.open(image)
+        img = TF.center_crop(TF.resize(img.convert("RGB"), resolution, antialias=True), resolution)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files, bad headers
+        raise DataError(f"cannot read the image {image} ({type(e).__name__}: {first_line(e)}): "
+                        "replace it or remove it from the data folder") from e
     return TF.to_tensor(img) * 2 - 1
 
 
@@ -133,8 +190,13 @@ class LatentCaptions:
     def load(cls, path) -> LatentCaptions:
         from safetensors.torch import load_file
 
-        t = load_file(str(path))
-        return cls(t["latents"], t["embeds"], t["empty"])
+        try:
+            t = load_file(str(path))
+            return cls(t["latents"], t["embeds"], t["empty"])
+        except Exception as e:  # not a safetensors file, truncated, or another file's tensors
+            what = f"no tensor {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {first_line(e)}"
+            raise DataError(f"the cache {path} is not a latents cache written by sd-distill ({what}): delete it or "
+                            "pass another --cache file") from e
 
 
 @torch.no_grad()
@@ -159,17 +221,21 @@ def vae_scale_factor(pipe) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
+def check_cache(data: LatentCaptions, pipe, resolution: int, cache) -> LatentCaptions:
+    """``data`` (read from ``cache``) if it fits this teacher at ``resolution``, else a DataError."""
+    side, dim = resolution // vae_scale_factor(pipe), pipe.text_encoder.config.hidden_size
+    if data.latents.shape[-1] != side or data.embeds.shape[-1] != dim:
+        raise DataError(f"the cache {cache} holds {tuple(data.latents.shape[1:])} latents and "
+                        f"{data.embeds.shape[-1]}-wide text states; this teacher at {resolution} px needs "
+                        f"{side}x{side} latents and {dim}-wide states: delete the cache or pass another file")
+    return data
+
+
 def load_or_encode(source, pipe, resolution: int, cache=None, progress: bool = False, **hub_kwargs):
-    """Read ``cache`` if it exists (checked against this teacher and resolution), else encode ``source`` (and write
-    ``cache`` when given)."""
+    """Read ``cache`` if it exists (checked against this teacher and resolution), else encode ``source`` (a folder,
+    a `datasets` name or a list of (image, caption) pairs) and write ``cache`` when given."""
     if cache is not None and Path(cache).exists():
-        data = LatentCaptions.load(cache)
-        side, dim = resolution // vae_scale_factor(pipe), pipe.text_encoder.config.hidden_size
-        if data.latents.shape[-1] != side or data.embeds.shape[-1] != dim:
-            raise DataError(f"the cache {cache} holds {tuple(data.latents.shape[1:])} latents and "
-                            f"{data.embeds.shape[-1]}-wide text states; this teacher at {resolution} px needs "
-                            f"{side}x{side} latents and {dim}-wide states: delete the cache or pass another file")
-        return data
+        return check_cache(LatentCaptions.load(cache), pipe, resolution, cache)
     data = encode_pairs(caption_pairs(source, **hub_kwargs), pipe, resolution, progress=progress)
     if cache is not None:
         data.save(cache)
