@@ -1,7 +1,12 @@
 """``minilcm sd-distill``: the command line of ``minilcm.sd.distill``.
 
     minilcm sd-distill TEACHER DATA OUT [--mode full|lora] [--steps N] [--batch-size B] ...
-    accelerate launch --num_processes 8 -m minilcm.cli sd-distill TEACHER DATA OUT ...    (8 GPUs)
+    accelerate launch --multi_gpu --num_processes 8 -m minilcm.cli sd-distill TEACHER DATA OUT ...    (8 GPUs)
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m minilcm.cli sd-distill ...    (2 CPU processes)
+
+Every input is checked before any work (minilcm.sd.distill.distill); a mistake is one short message on stderr and
+exit code 2 (minilcm.cli.main). With several processes only the main one logs, checkpoints, exports and prints
+the result line.
 
 ``register(subparsers)`` adds the subcommand to the ``minilcm`` parser (minilcm/cli.py).
 """
@@ -67,6 +72,8 @@ def sd_distill(args) -> int:
     from .distill import distill
 
     r = distill(args.teacher, args.data, args.out, **config_from_args(args))
+    if not r.is_main:  # one result line per run, not one per process
+        return 0
     tail = r.losses[-50:]
     print(json.dumps({"export": str(r.export), "step": r.step, "resumed_from": r.resumed_from,
                       "seconds": round(r.seconds, 2), "final_loss": sum(tail) / max(1, len(tail))}))

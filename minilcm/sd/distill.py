@@ -3,6 +3,7 @@
     distill(teacher, data, out, mode="full" | "lora", steps, ...)  -> DistillResult (the export folder, losses)
     load_teacher(teacher)            a StableDiffusionPipeline from a local folder or a hub id, with clear errors
     check_teacher(unet, mode)        fail early if the UNet lacks what the mode needs
+    validate(cfg)                    fail early (before any loading) on a bad number or option
     build(pipe, data, cfg)           (student, loss): the pieces ``minilcm.train`` runs
 
 Nothing here re-implements the method: the loss, the augmented PF-ODE solver step, the w-embedding and the
@@ -18,21 +19,25 @@ mode="lora"  (LCM-LoRA, Luo et al. 2023b, arXiv 2311.05556): the student is the 
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
-from contextlib import nullcontext
+import zipfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoints import CheckpointError
 from ..errors import UserError
 from ..consistency import ConsistencyModel, LCMScalings, l2, pseudo_huber
 from ..lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
 from ..schedules import Schedule
 from ..train import TrainConfig, default_device, train
-from .data import LatentCaptions, load_or_encode, vae_scale_factor
+from .data import LatentCaptions, caption_pairs, check_cache, first_line, load_or_encode, vae_scale_factor
 
 LORA_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_TARGETS = LORA_ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
@@ -41,6 +46,10 @@ LORA_TARGETS = LORA_ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net
 
 class TeacherError(UserError, ValueError):
     """The teacher is missing, unreadable, or lacks what the chosen mode needs."""
+
+
+class LaunchError(UserError, RuntimeError):
+    """The processes of a multi-process launch do not form one data-parallel group."""
 
 
 @dataclass
@@ -81,6 +90,169 @@ class DistillResult:
     seconds: float
     resumed_from: int
     student: nn.Module      # the trained ConsistencyModel (its .net is the UNet)
+    is_main: bool = True    # False on the other processes of a multi-process run (only the main one exports)
+
+
+# ---- checks before any work ---------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Fail with a one-line ValueError (naming the flag) on a setting that cannot work; run before any loading."""
+    if cfg.mode not in ("full", "lora"):
+        raise ValueError(f"--mode must be 'full' or 'lora', got {cfg.mode!r}")
+    for name, low in (("steps", 1), ("batch_size", 1), ("k", 1), ("lora_rank", 1), ("w_dim", 1),
+                      ("ckpt_every", 0), ("warmup_steps", 0)):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
+    if cfg.resolution is not None and (isinstance(cfg.resolution, bool) or not isinstance(cfg.resolution, int)
+                                       or cfg.resolution < 1):
+        raise ValueError(f"--resolution must be a positive integer (pixels), got {cfg.resolution!r}")
+
+    def finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if cfg.lr is not None and not (finite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr!r}")
+    for name in ("w", "w_min", "w_max"):
+        v = getattr(cfg, name)
+        if not (finite(v) and v >= 0):
+            raise ValueError(f"{_flag(name)} must be a finite number >= 0 (LCM convention: guidance_scale = w + 1), "
+                             f"got {v!r}")
+    if cfg.w_min > cfg.w_max:
+        raise ValueError(f"--w-min must be <= --w-max, got --w-min {cfg.w_min} --w-max {cfg.w_max}")
+    if not (finite(cfg.mu) and 0 <= cfg.mu <= 1):
+        raise ValueError(f"mu (the target's EMA rate) must be in [0, 1], got {cfg.mu!r}")
+    if cfg.grad_clip is not None and not (finite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise ValueError(f"grad_clip must be a finite number > 0 or None, got {cfg.grad_clip!r}")
+    for name, allowed in (("distance", ("huber", "l2")), ("precision", ("bf16", "fp16", "no")),
+                          ("optimizer", ("adamw", "adamw8bit"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    n = (cfg.dataset or {}).get("max_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"--max-samples must be an integer >= 1, got {n!r}")
+    if cfg.device is not None:
+        try:
+            dev = torch.device(cfg.device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"--device {cfg.device!r} is not a device: use cpu, cuda or cuda:N") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}, but CUDA is not available here: use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {cfg.device}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("--use-8bit-adam needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes, or "
+                              "leave the flag out") from e
+    if cfg.mode == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError as e:
+            raise ImportError("mode='lora' needs peft: pip install peft (or: pip install minilcm[sd])") from e
+
+
+def check_out(out: Path) -> None:
+    """OUT must be a folder (or not exist yet) somewhere writable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file: pass a folder (it is created if missing)")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"OUT {out}: {probe} is a file, not a folder: pass another OUT")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"OUT {out}: {probe} is not writable: pass another OUT")
+
+
+def check_fit(cfg: DistillConfig, pipe, resolution: int) -> None:
+    """The settings that depend on the teacher: its schedule, T >= k, a resolution the VAE can take."""
+    T = schedule_of(pipe.scheduler).T
+    if cfg.k > T:
+        raise ValueError(f"--k must be in 1..{T} (the teacher's training timesteps), got {cfg.k}")
+    f = vae_scale_factor(pipe)
+    if resolution % f:
+        raise ValueError(f"--resolution must be a multiple of {f} (the teacher's VAE factor), got {resolution}")
+
+
+# ---- resuming: the checkpoint in OUT must come from a run of the same kind -------------------------
+SETTINGS = "sd-distill.json"  # next to train()'s checkpoint: what the checkpoint's tensors depend on
+
+
+def resume_settings(cfg: DistillConfig, pipe) -> dict:
+    """The settings a checkpoint's tensors depend on (a rerun with other ones cannot resume from it)."""
+    unet = {k: v for k, v in dict(pipe.unet.config).items() if not str(k).startswith("_")}
+    s = {"mode": cfg.mode, "optimizer": cfg.optimizer, "unet": json.loads(json.dumps(unet, default=str))}
+    s.update({"w_dim": cfg.w_dim} if cfg.mode == "full" else {"lora_rank": cfg.lora_rank,
+                                                              "lora_targets": list(cfg.lora_targets)})
+    return s
+
+
+def _checkpoint_meta(ckpt: Path, fix: str) -> dict:
+    """train()'s metadata of the checkpoint in ``ckpt`` (the safetensors header, or config.json); reads no tensor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt / "state.safetensors"), framework="pt") as f:
+            header = (f.metadata() or {}).get("minilcm_config")
+        meta = json.loads(header if header is not None else (ckpt / "config.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+        return meta
+    except Exception as e:  # truncated, not a safetensors file, config.json missing or not JSON
+        raise CheckpointError(f"the checkpoint in {ckpt} is unreadable ({type(e).__name__}: {first_line(e, 80)}): "
+                              f"{fix}") from e
+
+
+def check_resume(ckpt: Path, cfg: DistillConfig, settings: dict) -> int:
+    """The step the checkpoint in ``ckpt`` is at (0: none), after checking that this run can resume from it."""
+    if not (ckpt / "state.safetensors").exists():
+        return 0
+    fix = f"use another OUT folder, or delete {ckpt} to start afresh"
+    meta = _checkpoint_meta(ckpt, fix)
+    try:
+        saved = json.loads((ckpt / SETTINGS).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(SETTINGS)
+    except (OSError, ValueError):  # written by an older minilcm: the mode is in the progress bar's title
+        m = re.fullmatch(r"LCD \((\w+)\)", str((meta.get("train_config") or {}).get("desc", "")))
+        saved = {"mode": m.group(1)} if m else {}
+    if saved.get("mode", cfg.mode) != cfg.mode:
+        raise CheckpointError(f"{ckpt} holds a --mode {saved['mode']} run, and this is --mode {cfg.mode}: {fix}")
+    if "unet" in saved and saved["unet"] != settings["unet"]:
+        keys = sorted(k for k in set(saved["unet"]) | set(settings["unet"])
+                      if saved["unet"].get(k) != settings["unet"].get(k))
+        diff = ", ".join(f"{k} {saved['unet'].get(k)} vs {settings['unet'].get(k)}" for k in keys[:2])
+        raise CheckpointError(f"{ckpt} was trained from a different teacher UNet ({diff[:160]}): {fix}")
+    for key in ("w_dim", "lora_rank", "lora_targets", "optimizer"):
+        if key in saved and saved[key] != settings.get(key):
+            flag = "--use-8bit-adam" if key == "optimizer" else _flag(key)
+            old, new = (("on" if v == "adamw8bit" else "off") if key == "optimizer" else v
+                        for v in (saved[key], settings.get(key)))
+            raise CheckpointError(f"{ckpt} was written with {flag} {old}, and this run has {flag} {new}: {fix}")
+    step = int(meta.get("step", 0))
+    if step > cfg.steps:
+        raise CheckpointError(f"{ckpt} is at step {step}, past --steps {cfg.steps}: pass --steps {step} or more to "
+                              "resume, or use another OUT folder")
+    return step
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Remove ``out`` (created by this run) when a failure left nothing in it but an empty log and the settings."""
+    import shutil
+
+    for f in out.rglob("*"):
+        if f.is_dir():
+            continue
+        rel = f.relative_to(out).as_posix()
+        if not ((rel == "log.jsonl" and f.stat().st_size == 0) or rel == f"checkpoint/{SETTINGS}"):
+            return
+    shutil.rmtree(out, ignore_errors=True)
 
 
 # ---- the teacher -----------------------------------------------------------------------------------
@@ -88,7 +260,57 @@ def _looks_local(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
 
 
-def load_teacher(teacher):
+@contextmanager
+def _library_bars(show: bool):
+    """diffusers' and transformers' progress bars ("Loading ...", "Writing model shards") on or off."""
+    if show:
+        yield
+        return
+    import importlib
+
+    mods = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    was = [m.is_progress_bar_enabled() for m in mods]
+    for m in mods:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in zip(mods, was):
+            if on:
+                m.enable_progress_bar()
+
+
+def unreadable_weights(folder: Path) -> tuple[str, str] | None:
+    """(file, reason) for the first weight file below ``folder`` that is truncated or corrupt, else None. Reads
+    only each safetensors header (and a zip's directory), so it is quick at any size."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.suffix not in (".safetensors", ".bin"):
+            continue
+        rel = str(f.relative_to(folder))
+        if f.stat().st_size == 0:
+            return rel, "empty file"
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as e:
+                return rel, first_line(e, 80)
+        else:
+            with open(f, "rb") as fh:
+                zipped = fh.read(2) == b"PK"
+            if zipped and not zipfile.is_zipfile(f):
+                return rel, "truncated zip archive"
+    return None
+
+
+def load_teacher(teacher, progress: bool = True):
     """A StableDiffusionPipeline (in fp32) from a ``save_pretrained`` folder or a hub id (which needs network)."""
     from diffusers import StableDiffusionPipeline
 
@@ -101,13 +323,24 @@ def load_teacher(teacher):
                            "pipe.save_pretrained(folder), or pass a hub id "
                            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
     if not p.exists() and _looks_local(name):
-        raise TeacherError(f"the teacher folder {p} does not exist (pass a diffusers pipeline folder or a hub id)")
+        raise TeacherError(f"the teacher folder {p} does not exist: check the path (or pass a hub id such as "
+                           "stable-diffusion-v1-5/stable-diffusion-v1-5)")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(p) if p.exists() else name, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except Exception as e:
-        raise TeacherError(f"could not load the teacher {name!r} as a StableDiffusionPipeline ({type(e).__name__}: "
-                           f"{e}). A hub id needs network access (and maybe `huggingface-cli login`).") from e
+        with _library_bars(progress):
+            pipe = StableDiffusionPipeline.from_pretrained(str(p) if p.exists() else name, safety_checker=None,
+                                                           requires_safety_checker=False)
+    except Exception as e:  # the libraries' messages run to 20-40 lines: keep the first, name the fix
+        why = f"{type(e).__name__}: {first_line(e)}"
+        if not p.exists():
+            raise TeacherError(f"could not load the teacher {name!r} from the Hugging Face hub ({why}). A hub id needs "
+                               "network access (and `huggingface-cli login` for gated models): check the id, or "
+                               "pass a local pipeline folder") from e
+        bad = unreadable_weights(p)
+        if bad is not None:
+            raise TeacherError(f"the teacher folder {p} is corrupt: {bad[0]} is truncated or unreadable ({bad[1]}); "
+                               "re-download the teacher, or re-save it with pipe.save_pretrained(folder)") from e
+        raise TeacherError(f"could not load the teacher folder {p} as a StableDiffusionPipeline ({why}): re-download "
+                           "it, or re-save it with pipe.save_pretrained(folder)") from e
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # a half-precision folder still trains in fp32
         if part.dtype != torch.float32:
             part.float()
@@ -226,13 +459,35 @@ def build(pipe, data: LatentCaptions, cfg: DistillConfig, device) -> tuple[Consi
     return student, loss
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (torchrun / accelerate launch: WORLD_SIZE; MPI: its own)."""
+    n = 1
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        try:
+            n = max(n, int(os.environ.get(key) or 1))
+        except ValueError:
+            pass
+    return n
+
+
 def _accelerator():
-    """An accelerate.Accelerator when launched with several processes (``accelerate launch``), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """An accelerate.Accelerator when launched with several processes (``accelerate launch``), else None.
+
+    The ranks are accelerate's own (``process_index``, ``is_main_process``), never read from the environment: a
+    launcher can start N processes that accelerate does not join into a group (``--multi_gpu`` on a machine
+    without CUDA), and each would then act as rank 0. Without CUDA the processes are joined on the CPU (gloo);
+    if accelerate still sets up fewer processes than were launched, this fails instead of training N copies."""
+    world = launched_processes()
+    if world <= 1:
         return None
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="no")  # autocast is train()'s own
+    acc = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())  # autocast is train()'s own
+    if acc.num_processes != world:
+        raise LaunchError(f"{world} processes were launched, but accelerate joined {acc.num_processes} "
+                          f"({acc.distributed_type}): check the launch flags or `accelerate config`, or run one "
+                          "process")
+    return acc
 
 
 def distill(teacher, data, out, mode: str = "full", steps: int = 1000, *, accelerator=None, **kwargs) -> DistillResult:
@@ -244,47 +499,87 @@ def distill(teacher, data, out, mode: str = "full", steps: int = 1000, *, accele
         out/pipeline/     mode="full": a LatentConsistencyModelPipeline folder (LCMScheduler)
         out/lora/         mode="lora": pytorch_lora_weights.safetensors for pipe.load_lora_weights(out/lora)
 
-    Keyword arguments are ``DistillConfig`` fields (batch_size, lr, k, w_min, w_max, w, precision, ...)."""
+    Keyword arguments are ``DistillConfig`` fields (batch_size, lr, k, w_min, w_max, w, precision, ...).
+
+    Every input is checked before any work and before ``out`` is created: a bad setting, data folder, teacher or a
+    checkpoint in ``out`` from another kind of run raises a short ValueError / DataError / TeacherError /
+    CheckpointError that names the fix. With several processes only the main one logs, checkpoints and exports."""
     from .export import export_lora, export_pipeline
 
     cfg = DistillConfig(mode=mode, steps=steps, **kwargs)
-    pipe = load_teacher(teacher)
-    check_teacher(pipe.unet, mode)
-    acc = accelerator if accelerator is not None else _accelerator()
-    device = acc.device if acc is not None else torch.device(cfg.device) if cfg.device else default_device()
+    validate(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
+    acc = accelerator if accelerator is not None else _accelerator()
+    main = acc is None or acc.is_main_process
+    # the data is listed (or its cache read) before the teacher loads: a bad folder fails in a second
+    pairs, dataset, cached = None, None, False
     if isinstance(data, LatentCaptions):
         dataset = data
+    elif cfg.cache is not None and Path(cfg.cache).exists():
+        dataset, cached = LatentCaptions.load(cfg.cache), True
     else:
-        res = cfg.resolution or pipe.unet.config.sample_size * vae_scale_factor(pipe)
+        pairs = caption_pairs(data, **cfg.dataset)
+    pipe = load_teacher(teacher, progress=cfg.progress and main)
+    check_teacher(pipe.unet, mode)
+    res = cfg.resolution or pipe.unet.config.sample_size * vae_scale_factor(pipe)
+    check_fit(cfg, pipe, res)
+    settings = resume_settings(cfg, pipe)
+    ckpt = out / "checkpoint"
+    check_resume(ckpt, cfg, settings)
+    resuming = (ckpt / "state.safetensors").exists()
+    vouched = (ckpt / SETTINGS).exists()  # when resuming: this file was just checked against this run
+    if cached:
+        check_cache(dataset, pipe, res, cfg.cache)
+    device = acc.device if acc is not None else torch.device(cfg.device) if cfg.device else default_device()
+    if dataset is None:
         pipe.vae.to(device)
         pipe.text_encoder.to(device)
         main_first = acc.main_process_first() if acc is not None else nullcontext()
         with main_first:  # with a cache file, the main process encodes and the others read it
-            dataset = load_or_encode(data, pipe, res, cfg.cache, progress=cfg.progress, **cfg.dataset)
+            dataset = load_or_encode(pairs, pipe, res, cfg.cache, progress=cfg.progress and main)
         pipe.vae.cpu()
         pipe.text_encoder.cpu()
+    torch.manual_seed(cfg.seed)  # the LoRA adapters' initialisation: the same on every process and every run
     student, loss = build(pipe, dataset, cfg, device)
     lr = cfg.lr if cfg.lr is not None else (1e-6 if mode == "full" else 1e-4)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=cfg.warmup_steps,
-                       grad_clip=cfg.grad_clip, seed=cfg.seed, ckpt_dir=str(out / "checkpoint"),
+                       grad_clip=cfg.grad_clip, seed=cfg.seed, ckpt_dir=str(ckpt),
                        ckpt_every=cfg.ckpt_every, device=str(device), amp=cfg.precision != "no",
                        amp_dtype=cfg.precision if cfg.precision != "no" else "bf16", optimizer=cfg.optimizer,
                        keep_ema=False, log_file=str(out / "log.jsonl"), progress=cfg.progress,
                        desc=f"LCD ({mode})")
-    r = train(student, loss, dataset, tcfg, accelerator=acc)
+    created = not out.exists()
+
+    def write_settings():
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / SETTINGS).write_text(json.dumps(settings, indent=1))
+
+    if main and not resuming:  # only the main process writes into out (train() logs and checkpoints on it alone)
+        write_settings()
+    try:
+        try:
+            r = train(student, loss, dataset, tcfg, accelerator=acc)
+        except CheckpointError as e:  # e.g. a checkpoint from an older minilcm that does not fit this run
+            why = re.sub(r"^the checkpoint in \S+ ", "", first_line(e, 140))
+            raise CheckpointError(f"cannot resume from {ckpt}: {why}; use another OUT folder, or delete {ckpt} to "
+                                  "start afresh") from e
+    except BaseException:
+        if main and created:
+            _remove_if_unused(out)
+        raise
+    if main and resuming and not vouched:  # an older minilcm's checkpoint: train() loaded it, so it fits
+        write_settings()
     if acc is not None:
         acc.wait_for_everyone()
-    main = acc is None or acc.is_main_process
-    settings = {"mode": mode, **{k: v for k, v in asdict(cfg).items() if k != "dataset"}, "lr": lr}
-    if mode == "full":
-        export = out / "pipeline"
-        if main:
-            export_pipeline(pipe, loss.target.net, export, meta=settings)
-    else:
-        export = out / "lora"
-        if main:
-            export_lora(student.net, export, meta=settings)
-    return DistillResult(export, r.losses, r.step, r.seconds, r.resumed_from, student)
-
+    meta = {"mode": mode, **{k: v for k, v in asdict(cfg).items() if k != "dataset"}, "lr": lr}
+    export = out / ("pipeline" if mode == "full" else "lora")
+    if main:
+        with _library_bars(cfg.progress):
+            if mode == "full":
+                export_pipeline(pipe, loss.target.net, export, meta=meta)
+            else:
+                export_lora(student.net, export, meta=meta)
+    if acc is not None:
+        acc.wait_for_everyone()  # the export is complete on every process's return
+    return DistillResult(export, r.losses, r.step, r.seconds, r.resumed_from, student, is_main=main)
