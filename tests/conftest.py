@@ -28,11 +28,13 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def cifar_archive() -> Path:
-    """The offline CIFAR-10 archive: $MINILCM_CIFAR, else ../shared/data/cifar10-jpeg.tar.gz."""
-    p = Path(os.environ.get("MINILCM_CIFAR", SHARED_CIFAR))
-    if not p.exists():
-        pytest.fail(f"the CIFAR-10 archive is needed for this test: set MINILCM_CIFAR (looked at {p})")
-    return p
+    """The offline CIFAR-10 source, found by the package's one rule (``minilcm.datasets.cifar_source``)."""
+    from minilcm.datasets import cifar_source
+
+    p = cifar_source()
+    if p is None or not Path(p).exists():
+        pytest.fail(f"the CIFAR-10 archive is needed for this test: set MINILCM_CIFAR (looked at {p or SHARED_CIFAR})")
+    return Path(p)
 
 
 @pytest.fixture(scope="session")

@@ -262,6 +262,7 @@ def cd_student():
     return res.ema.eval(), loss.timesteps.tolist(), time.process_time() - c0
 
 
+@pytest.mark.slow
 def test_cd_one_step_within_2x_of_the_1000_step_oracle_ode(cd_student):
     model, _, cpu_s = cd_student
     print(f"CD on the mixture: {cpu_s:.0f} s of CPU")  # a record, not an assertion: a busy machine is slower
@@ -274,6 +275,7 @@ def test_cd_one_step_within_2x_of_the_1000_step_oracle_ode(cd_student):
     assert d_one < 2 * d_ode, f"1-step CD {d_one:.4f} vs 1000-step oracle ODE {d_ode:.4f}"
 
 
+@pytest.mark.slow
 def test_two_steps_beat_one_step(cd_student):
     model, grid, _ = cd_student
     n = 20_000  # two 20k data sets sit 0.01-0.02 apart. Measured: d1 0.040, d2 0.024; d2/d1 0.37-0.61 over seeds 0-5
@@ -286,6 +288,7 @@ def test_two_steps_beat_one_step(cd_student):
     assert d2 < 0.8 * d1, f"2-step {d2:.4f} vs 1-step {d1:.4f}"
 
 
+@pytest.mark.slow
 def test_ct_beats_the_untrained_model():
     torch.manual_seed(0)
     model = ConsistencyModel(EDMPrecond(MLPDenoiser(hidden=128, depth=3), SCH, 0.5), SCH, CMScalings(0.5))
@@ -302,6 +305,7 @@ def test_ct_beats_the_untrained_model():
 
 
 # ---- the pixel-space recipe -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cifar_cd_recipe_trains_checkpoints_and_loads_when_shipped(cifar_archive, tmp_path, monkeypatch):
     import minilcm.checkpoints as ckpts
     from minilcm.checkpoints import save_model

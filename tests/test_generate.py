@@ -132,6 +132,7 @@ def test_sample_cli_errors(tiny, tmp_path, capsys, monkeypatch):
     assert not Path(out).exists()
 
 
+@pytest.mark.slow
 def test_sample_cli_as_a_program(tiny, tmp_path):
     """Other tools drive `minilcm sample` as a program: python -m minilcm.cli sample ..."""
     out = tmp_path / "p.npz"
@@ -145,6 +146,7 @@ def test_sample_cli_as_a_program(tiny, tmp_path):
 
 
 # ---- minilcm bench -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bench_on_tiny_models(tiny, tmp_path):
     ref = (torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10))
     res = model_benchmark(10, 1.0, tmp_path / "bench", minisd=tiny["sd"], lcm=tiny["lcm"], evaluator=tiny["ev"],

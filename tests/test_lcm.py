@@ -361,6 +361,7 @@ def lcd_runs(sd, toy, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_k1_and_k20_both_train(lcd_runs, sd, toy):
     mix, _ = toy
     labels = torch.arange(N_EVAL) % 4
@@ -378,6 +379,7 @@ def test_k1_and_k20_both_train(lcd_runs, sd, toy):
     assert lcd_runs["long"][0].resumed_from == 400
 
 
+@pytest.mark.slow
 def test_class_sharpness_rises_with_w_like_the_teachers(lcd_runs, sd, toy):
     mix, teacher = toy
     labels = torch.arange(N_EVAL) % 4
