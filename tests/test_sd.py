@@ -322,6 +322,12 @@ def truncated_teacher(c) -> Path:
     return t
 
 
+def without_unet(c) -> Path:
+    t = copy_teacher(c)
+    shutil.rmtree(t / "unet")
+    return t
+
+
 def offline_hub(c) -> str:
     from diffusers import StableDiffusionPipeline
 
@@ -431,6 +437,8 @@ BAD_INPUTS = {
     "truncated teacher weights": ([], r"teacher-copy is corrupt: unet/diffusion_pytorch_model.safetensors is "
                                       r"truncated or unreadable .*re-download the teacher",
                                   {"teacher": truncated_teacher}),
+    "teacher without its unet": ([], r"teacher-copy is incomplete \(no unet/\): re-download the teacher",
+                                 {"teacher": without_unet}),
     "empty data folder": ([], r"holds no images .*put the images", {"data": lambda c: (c.tmp / "empty").mkdir() or
                                                                     c.tmp / "empty"}),
     "images without captions": ([], r"4 of 4 images in \S+ have no caption .*add them to metadata.jsonl",

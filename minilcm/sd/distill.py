@@ -310,6 +310,22 @@ def unreadable_weights(folder: Path) -> tuple[str, str] | None:
     return None
 
 
+OPTIONAL_PARTS = ("safety_checker", "feature_extractor", "image_encoder")  # load_teacher passes None / skips them
+
+
+def missing_components(folder: Path) -> list[str]:
+    """The parts model_index.json names (unet, vae, text_encoder, ...) that have no folder in ``folder`` (the
+    safety checker and other parts sd-distill does not load are left out)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(index, dict):
+        return []
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+            and v[0] is not None and k not in OPTIONAL_PARTS and not (folder / k).is_dir()]
+
+
 def load_teacher(teacher, progress: bool = True):
     """A StableDiffusionPipeline (in fp32) from a ``save_pretrained`` folder or a hub id (which needs network)."""
     from diffusers import StableDiffusionPipeline
@@ -335,6 +351,10 @@ def load_teacher(teacher, progress: bool = True):
             raise TeacherError(f"could not load the teacher {name!r} from the Hugging Face hub ({why}). A hub id needs "
                                "network access (and `huggingface-cli login` for gated models): check the id, or "
                                "pass a local pipeline folder") from e
+        missing = missing_components(p)
+        if missing:
+            raise TeacherError(f"the teacher folder {p} is incomplete (no {', '.join(m + '/' for m in missing)}): "
+                               "re-download the teacher, or re-save it with pipe.save_pretrained(folder)") from e
         bad = unreadable_weights(p)
         if bad is not None:
             raise TeacherError(f"the teacher folder {p} is corrupt: {bad[0]} is truncated or unreadable ({bad[1]}); "
