@@ -176,6 +176,7 @@ def _save_diffusers(model, folder: Path) -> None:
     import copy
 
     copy.deepcopy(model).to(torch.float16).save_pretrained(str(folder))
+    strip_machine_paths(folder)  # no absolute path of this machine in a config that may be committed
 
 
 def train_autoencoder(out: str | Path | None = None, device: str = "cpu", progress: bool = True,
