@@ -581,7 +581,8 @@ def distill(teacher, data, out, mode: str = "full", steps: int = 1000, *, accele
         try:
             r = train(student, loss, dataset, tcfg, accelerator=acc)
         except CheckpointError as e:  # e.g. a checkpoint from an older minilcm that does not fit this run
-            why = re.sub(r"^the checkpoint in \S+ ", "", first_line(e, 140))
+            why = re.sub(r"^the checkpoint in \S+ ", "", first_line(e, 100_000))
+            why = why if len(why) <= 140 else why[:137].rstrip() + "..."
             raise CheckpointError(f"cannot resume from {ckpt}: {why}; use another OUT folder, or delete {ckpt} to "
                                   "start afresh") from e
     except BaseException:
