@@ -596,11 +596,13 @@ def distill(teacher, data, out, mode: str = "full", steps: int = 1000, *, accele
     meta = {"mode": mode, **{k: v for k, v in asdict(cfg).items() if k != "dataset"}, "lr": lr}
     export = out / ("pipeline" if mode == "full" else "lora")
     if main:
-        with _library_bars(cfg.progress):
+        from ..checkpoints import staged_folder
+
+        with _library_bars(cfg.progress), staged_folder(export) as tmp:  # written whole, then renamed into place
             if mode == "full":
-                export_pipeline(pipe, loss.target.net, export, meta=meta)
+                export_pipeline(pipe, loss.target.net, tmp, meta=meta)
             else:
-                export_lora(student.net, export, meta=meta)
+                export_lora(student.net, tmp, meta=meta)
     if acc is not None:
         acc.wait_for_everyone()  # the export is complete on every process's return
     return DistillResult(export, r.losses, r.step, r.seconds, r.resumed_from, student, is_main=main)
