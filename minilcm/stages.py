@@ -1,6 +1,7 @@
 """The recipe that trains every shipped checkpoint: one function (and one ``minilcm train STAGE`` command) per stage.
 
-    evaluator    the CIFAR-10 classifier behind FD-clf and class accuracy      -> data/checkpoints/evaluator-cifar10
+(each exports to runs/<name>; with --replace-shipped, to data/checkpoints/<name>)
+    evaluator    the CIFAR-10 classifier behind FD-clf and class accuracy      -> evaluator-cifar10
     autoencoder  the mini-SD AutoencoderKL (f = 4: 32x32x3 -> 8x8x4)            -> .../minisd-cifar10 (vae/)
     minisd       the mini-SD text-conditioned latent UNet teacher               -> .../minisd-cifar10 (unet/, ...)
     lcm          the LCM student distilled from it (w-conditioned)              -> .../lcm-cifar10
