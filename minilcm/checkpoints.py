@@ -65,13 +65,18 @@ def atomic_write(target: Path, write) -> None:
 def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint folder written by :func:`save_checkpoint` (or an older one with only config.json)."""
     path = Path(path)
-    if not (path / STATE).exists() or not (path / CONFIG).exists():
-        raise CheckpointError(f"no checkpoint in {path}: expected {STATE} and {CONFIG} there")
+    if not (path / STATE).exists():
+        raise CheckpointError(f"no checkpoint in {path}: expected {STATE} there")
     try:
         with safe_open(str(path / STATE), framework="pt") as f:
             header = (f.metadata() or {}).get(META_KEY)
+        if header is None and not (path / CONFIG).exists():
+            raise CheckpointError(f"the checkpoint in {path} has no {CONFIG} (and no metadata in {STATE}); delete "
+                                  "the folder to start afresh")
         tensors = load_file(str(path / STATE))
         return tensors, json.loads(header if header is not None else (path / CONFIG).read_text())
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"the checkpoint in {path} is unreadable ({type(e).__name__}: {_first_line(e)}); "
                               "delete the folder to start afresh") from e
@@ -171,8 +176,8 @@ def available() -> list[str]:
     d = shipped_dir()
     if not d.exists():
         return []
-    return sorted(p.name for p in d.iterdir()
-                  if (p / STATE).exists() or (p / "model_index.json").exists() or (p / "unet").is_dir())
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (
+                  (p / STATE).exists() or (p / "model_index.json").exists() or (p / "unet").is_dir()))
 
 
 # ---- provenance and safe exports ---------------------------------------------------------------------
@@ -210,13 +215,28 @@ def default_export(name: str) -> Path:
     return Path("runs") / name
 
 
+EXPORT_MARKERS = (STATE, "meta.json", "model_index.json", "unet", "vae")
+
+
 def check_export(out, replace_shipped: bool = False, what: str = "") -> Path:
-    """Refuse to write into a shipped checkpoint unless ``replace_shipped`` says so."""
+    """Refuse to write into a shipped checkpoint unless ``replace_shipped`` says so, and refuse an ``out`` that an
+    export would wipe without being one: a folder that holds the shipped folder or the working directory, or an
+    existing non-empty folder with no export in it (``--out runs`` would otherwise replace all of runs/)."""
     out = Path(out)
+    r = out.resolve()
     if is_shipped(out) and not replace_shipped:
         raise CheckpointError(f"{out} is a shipped checkpoint{' (' + what + ')' if what else ''}: the recipe does "
                               "not replace it by default. Pass --replace-shipped to replace it, or --out to write "
                               "elsewhere.")
+    for inside in {SHIPPED_DIR.resolve(), shipped_dir().resolve(), Path.cwd().resolve()}:
+        if r == inside or r in inside.parents:
+            raise CheckpointError(f"--out {out} holds {inside}: an export replaces its whole folder; name a new "
+                                  "folder, e.g. runs/my-model")
+    if out.is_file():
+        raise CheckpointError(f"--out {out} is a file: name a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in EXPORT_MARKERS):
+        raise CheckpointError(f"--out {out} is a folder that holds no exported model: an export replaces its whole "
+                              "folder; name a new folder, or an earlier export to replace")
     return out
 
 
@@ -234,7 +254,8 @@ class staged_folder:
 
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.partial")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for stale in self.out.parent.glob(f".{self.out.name}.*.partial"):  # left by a killed export
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         for k in self.keep:
             if (self.out / k).exists():
@@ -248,9 +269,17 @@ class staged_folder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
-        if self.out.exists():
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        moved = False
+        try:
+            if self.out.exists():
+                os.replace(self.out, old)
+                moved = True
+            os.replace(self.tmp, self.out)
+        except BaseException:  # put the old folder back: out is never left missing
+            if moved and not self.out.exists():
+                os.replace(old, self.out)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return False
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .checkpoints import atomic_write
-from .errors import TrainingInterrupted, UserError, debug, short
+from .errors import InputError, TrainingInterrupted, UserError, debug, short
 
 
 def _has_cuda() -> bool:
@@ -40,7 +40,7 @@ def demo(args) -> int:
     from .viz import scatter_2d
 
     if args.steps < 1 or args.n < 2:
-        raise ValueError(f"--steps must be >= 1 and --n >= 2, got --steps {args.steps} --n {args.n}")
+        raise InputError(f"--steps must be >= 1 and --n >= 2, got --steps {args.steps} --n {args.n}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -81,7 +81,7 @@ def demo(args) -> int:
     scatter_2d(other, axes[2], title=f"fresh data  (SW2 {d_floor:.3f})", log_prob=lp)
     fig.suptitle("minilcm demo: a 2-D DDPM trained in seconds (SW2 = sliced Wasserstein distance to data)")
     fig.tight_layout()
-    fig.savefig(out / "demo.png", dpi=100)
+    atomic_write(out / "demo.png", lambda tmp: fig.savefig(tmp, dpi=100))
     times["draw the figure"] = time.perf_counter() - t0
 
     print(f"\nsliced W2 to the data: samples {d_model:.3f}, initial noise {d_noise:.3f}, "
@@ -103,7 +103,7 @@ def train_stage(args) -> int:
 
     kw = {"teacher": args.teacher} if args.stage in ("lcm", "cd") and args.teacher else {}
     if args.teacher and args.stage not in ("lcm", "cd"):
-        raise ValueError(f"--teacher is for the lcm and cd stages; `minilcm train {args.stage}` has no teacher")
+        raise InputError(f"--teacher is for the lcm and cd stages; `minilcm train {args.stage}` has no teacher")
     meta = stages.STAGES[args.stage](out=args.out, device=args.device, replace_shipped=args.replace_shipped,
                                      progress=not args.quiet, **kw)
     print(json.dumps(meta.get("metrics", {}), indent=1))
@@ -121,17 +121,17 @@ def writable_out(out: Path, force: bool, *extra: Path) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ValueError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+        raise InputError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
     try:
         tempfile.TemporaryFile(dir=probe).close()
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write in {probe} ({e.strerror or type(e).__name__}); choose another "
+        raise InputError(f"--out {out}: cannot write in {probe} ({e.strerror or type(e).__name__}); choose another "
                          "--out") from None
     for f in (out, *extra):
         if f.is_dir():
-            raise ValueError(f"--out {out}: {f} is a folder; name a file")
+            raise InputError(f"--out {out}: {f} is a folder; name a file")
         if f.exists() and not force:
-            raise ValueError(f"{f} exists; pass --force to overwrite it, or choose another --out")
+            raise InputError(f"{f} exists; pass --force to overwrite it, or choose another --out")
 
 
 def sample(args) -> int:
@@ -142,11 +142,11 @@ def sample(args) -> int:
 
     out = Path(args.out)
     if out.suffix != ".npz":
-        raise ValueError(f"--out must name a .npz file, got {out}")
+        raise InputError(f"--out must name a .npz file, got {out}")
     png = out.with_suffix(".png")
     writable_out(out, args.force, png)
     if args.device == "cuda" and not _has_cuda():
-        raise ValueError("--device cuda but CUDA is not available here; use --device cpu")
+        raise InputError("--device cuda but CUDA is not available here; use --device cpu")
     check_request(args.sampler, args.steps, args.n, w=args.guidance, batch=args.batch, prompt=args.prompt)
     t0 = time.perf_counter()
     model = load_model_folder(args.model, device=args.device)
@@ -208,15 +208,15 @@ def bench(args) -> int:
     from .profiles import pick
 
     if args.n is not None and args.n < 1:
-        raise ValueError(f"--n must be >= 1 (images per row), got {args.n}; leave it out for the profile's default")
+        raise InputError(f"--n must be >= 1 (images per row), got {args.n}; leave it out for the profile's default")
     if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
     if not math.isfinite(args.w):
-        raise ValueError(f"--w must be a finite number, got {args.w}")
+        raise InputError(f"--w must be a finite number, got {args.w}")
     n = args.n or pick(fast=20, cpu=1000, gpu=10_000)
     writable_out(Path(args.out) / "bench.md", True)
     if args.device == "cuda" and not _has_cuda():
-        raise ValueError("--device cuda but CUDA is not available here; use --device cpu")
+        raise InputError("--device cuda but CUDA is not available here; use --device cpu")
     res = model_benchmark(n, args.w, args.out, device=args.device, seed=args.seed, batch=args.batch,
                           minisd=args.minisd, lcm=args.lcm, evaluator=args.evaluator,
                           pixel_teacher=None if args.no_pixel else args.ddpm,
@@ -227,6 +227,13 @@ def bench(args) -> int:
 
 
 USER_ERRORS = (UserError, ValueError, OSError, ImportError)
+
+
+def _main_rank() -> bool:
+    """False on the non-main processes of a multi-process launch (accelerate launch, torchrun set RANK)."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -311,7 +318,8 @@ def main(argv=None) -> int:
         current()  # a mistyped MINILCM_PROFILE fails here, before any work
         return args.fn(args)
     except TrainingInterrupted as e:
-        print(f"minilcm {args.cmd}: {e}", file=sys.stderr)
+        if _main_rank():
+            print(f"minilcm {args.cmd}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if args.debug or debug():
@@ -321,7 +329,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         if args.debug or debug():
             raise
-        hint = not isinstance(e, UserError) and type(e).__name__ not in ("ValueError", "FileNotFoundError")
+        if not _main_rank():  # under accelerate / torchrun every process fails alike: one message
+            return 2
+        hint = not isinstance(e, UserError)  # a ValueError / OSError from a library: maybe a bug, say how to see it
         print(f"minilcm {args.cmd}: error: {short(e, 2 if hint else 3)}", file=sys.stderr)
         if hint:  # an OSError or ImportError: the traceback may say more
             print("(run with --debug or MINILCM_DEBUG=1 for the traceback)", file=sys.stderr)

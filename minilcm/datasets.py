@@ -217,6 +217,8 @@ def cifar_source(source: str | os.PathLike | None = None, root: str | os.PathLik
     given = source or os.environ.get("MINILCM_CIFAR") or None
     if given is not None:
         return Path(given).expanduser()
+    if root is not None and _is_official(Path(root).expanduser()):  # a root the caller named comes first
+        return Path(root).expanduser()
     return _found(Path(root).expanduser() if root is not None else _default_root())
 
 

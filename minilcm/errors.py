@@ -19,6 +19,10 @@ class UserError(Exception):
     """An error the user can fix; its message says how."""
 
 
+class InputError(UserError, ValueError):
+    """A value the user passed (a flag, an argument) is impossible: the message names the valid range."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after a consistent checkpoint was written (or none was asked for)."""
 

@@ -34,6 +34,7 @@ import torch
 
 from .checkpoints import CheckpointError, content_hash, resolve
 from .datasets import CIFAR10_CLASSES, to_uint8
+from .errors import InputError
 from .schedules import Schedule
 from .solvers import teacher_timesteps
 
@@ -120,7 +121,7 @@ def _pixel_net(cfg: dict):
     net = EpsUNet(UNet2DModel.from_config(unet_cfg), cfg.get("num_classes"), cfg.get("size"))
     k, embeds = cfg.get("num_classes"), unet_cfg.get("num_class_embeds")
     if (k is None) != (embeds is None) or (k is not None and embeds != k + 1):
-        raise ValueError(f"num_classes = {k} does not match the UNet's num_class_embeds = {embeds} (classes + the "
+        raise InputError(f"num_classes = {k} does not match the UNet's num_class_embeds = {embeds} (classes + the "
                          "null class)")
     return net
 
@@ -141,7 +142,7 @@ def _build(cfg: dict, path: Path, build):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
         raise CheckpointError(f"the model config in {path / 'config.json'} cannot be built ({what}); re-export the "
-                              "model with the recipe (`minilcm train ...`) or use another folder") from None
+                              "model with the recipe (`minilcm train ...`) or use another folder") from e
 
 
 def check_teacher_hash(student_path: Path, meta: dict) -> None:
@@ -152,9 +153,13 @@ def check_teacher_hash(student_path: Path, meta: dict) -> None:
     teacher = resolve(meta["teacher"])
     got = content_hash(teacher)
     if got != want:
+        from .checkpoints import is_shipped
+
+        again = f"`minilcm train {meta.get('stage', 'lcm')} --teacher {meta['teacher']}" + (
+            " --replace-shipped`" if is_shipped(student_path) else f" --out {student_path}`")
         raise CheckpointError(f"the student in {student_path} was distilled from {meta['teacher']} with weights "
                               f"sha256 {want[:12]}, but {teacher} now holds {got[:12]}: restore that teacher, or "
-                              f"distil again with `minilcm train {meta.get('stage', 'lcm')} --teacher {teacher}`")
+                              f"distil again with {again}")
 
 
 def guidance_range(m: "LoadedModel"):
@@ -226,11 +231,11 @@ def parse_class(c) -> int:
     if isinstance(c, (int, np.integer)) or (isinstance(c, str) and c.strip().lstrip("-").isdigit()):
         i = int(c)
         if not 0 <= i < len(CIFAR10_CLASSES):
-            raise ValueError(f"class index {i} is out of range: CIFAR-10 has classes 0-9 ({', '.join(CIFAR10_CLASSES)})")
+            raise InputError(f"class index {i} is out of range: CIFAR-10 has classes 0-9 ({', '.join(CIFAR10_CLASSES)})")
         return i
     name = str(c).strip().lower()
     if name not in CIFAR10_CLASSES:
-        raise ValueError(f"unknown class {c!r}; use an index 0-9 or one of: {', '.join(CIFAR10_CLASSES)}")
+        raise InputError(f"unknown class {c!r}; use an index 0-9 or one of: {', '.join(CIFAR10_CLASSES)}")
     return CIFAR10_CLASSES.index(name)
 
 
@@ -254,7 +259,7 @@ def cm_steps(schedule: Schedule, steps: int, N: int = 18, t_min: float = 0.0) ->
 
     grid = cm_timesteps(schedule, N, t_min).tolist()  # increasing, grid[N] = T - 1
     if not 1 <= steps <= N:
-        raise ValueError(f"the consistency model takes 1..{N} steps, got {steps}")
+        raise InputError(f"the consistency model takes 1..{N} steps, got {steps}")
     return [grid[N - (i * N) // steps] for i in range(steps)]
 
 
@@ -282,14 +287,18 @@ def check_request(sampler: str, steps, n, *, w=1.0, batch=250, prompt=None) -> N
     from .schedules import whole_number
 
     if sampler not in ALL_SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(ALL_SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; valid: {', '.join(ALL_SAMPLERS)}")
     for name, v in (("steps", steps), ("n (the number of images)", n), ("batch", batch)):
-        if whole_number(v, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+        try:
+            v = whole_number(v, name)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if v < 1:
+            raise InputError(f"{name} must be >= 1, got {v}")
     if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not math.isfinite(w):
-        raise ValueError(f"the guidance w must be a finite number (LCM convention, guidance_scale = w + 1), got {w!r}")
+        raise InputError(f"the guidance w must be a finite number (LCM convention, guidance_scale = w + 1), got {w!r}")
     if prompt is not None and not str(prompt).strip():
-        raise ValueError("the prompt is empty (that is the unconditional prompt): give a text, or leave --prompt out "
+        raise InputError("the prompt is empty (that is the unconditional prompt): give a text, or leave --prompt out "
                          "to sample the ten classes")
 
 
@@ -348,26 +357,33 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
     steps, n, batch = int(steps), int(n), int(batch)
     m = model if isinstance(model, LoadedModel) else load_model_folder(model, device=device)
     if sampler not in m.samplers:
-        raise ValueError(f"sampler {sampler!r} does not fit the {m.kind} model in {m.path}; valid: "
+        raise InputError(f"sampler {sampler!r} does not fit the {m.kind} model in {m.path}; valid: "
                          f"{', '.join(m.samplers)}")
-    if sampler == "lcm":
-        from .lcm import lcm_timesteps
+    try:  # the grid each sampler will run: an impossible step count fails here, before any work
+        if sampler == "lcm":
+            from .lcm import lcm_timesteps
 
-        lcm_timesteps(m.schedule, steps)  # 1..50: a clear error before any work
-    if sampler == "cm":
-        cm_steps(m.schedule, steps, t_min=m.model.t_min)
+            lcm_timesteps(m.schedule, steps)
+        elif sampler == "cm":
+            cm_steps(m.schedule, steps, t_min=m.model.t_min)
+        else:
+            teacher_timesteps(m.schedule, sampler, steps)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"--steps {steps} does not fit the {sampler} sampler: {e}") from e
     rng = guidance_range(m) if m.conditional != "none" else None
     if rng is not None and not rng[0] <= w <= rng[1]:
         warnings.warn(f"w = {w:g} is outside the range this student was distilled on, w in [{rng[0]:g}, {rng[1]:g}] "
                       "(LCM convention): expect poor images", stacklevel=2)
     if prompt is not None and (class_ is not None or labels is not None):
-        raise ValueError("give a class or a prompt, not both")
+        raise InputError("give a class or a prompt, not both")
     if prompt is not None and m.conditional != "text":
-        raise ValueError(f"--prompt needs a text-conditioned model (the mini-SD or its LCM student); the {m.kind} "
+        raise InputError(f"--prompt needs a text-conditioned model (the mini-SD or its LCM student); the {m.kind} "
                          f"model in {m.path} is " + ("class-conditional: use --class" if m.conditional == "class"
                                                      else "unconditional"))
     if m.conditional == "none" and (class_ is not None or labels is not None):
-        raise ValueError(f"the {m.kind} model in {m.path} is unconditional: it takes no class")
+        raise InputError(f"the {m.kind} model in {m.path} is unconditional: it takes no class")
     prompts = None
     if prompt is not None:
         prompts, lab = [prompt] * n, np.full(n, prompt_label(prompt), dtype=np.int64)
@@ -376,7 +392,7 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
     elif labels is not None:
         lab = np.array([parse_class(c) for c in labels], dtype=np.int64)
         if len(lab) != n:
-            raise ValueError(f"{len(lab)} labels for n={n} images")
+            raise InputError(f"{len(lab)} labels for n={n} images")
     elif class_ is not None:
         lab = np.full(n, parse_class(class_), dtype=np.int64)
     else:

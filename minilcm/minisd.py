@@ -126,13 +126,13 @@ def _from_pretrained(cls, path: Path, what: str, **kw):
     missing file) as one-line CheckpointErrors instead of 40-line tracebacks."""
     from diffusers.utils import logging as dlog
 
-    dlog.disable_progress_bar()  # "Loading pipeline components": a tiny model loads in a blink
     try:
         from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
     except ImportError:
-        pass
+        tlog = None
+    bars = [m for m in (dlog, tlog) if m is not None and m.is_progress_bar_enabled()]
+    for m in bars:
+        m.disable_progress_bar()  # "Loading pipeline components": a small model loads in a blink
     try:
         return cls.from_pretrained(str(path), **kw)
     except Exception as e:
@@ -140,7 +140,10 @@ def _from_pretrained(cls, path: Path, what: str, **kw):
         if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e) or "shape" in msg:
             msg = "its weights do not fit its config.json (a config of another size?)"
         raise CheckpointError(f"the {what} in {path} cannot be loaded ({type(e).__name__}: {msg[:160]}); "
-                              "re-export it with the recipe, or restore the folder") from None
+                              "re-export it with the recipe, or restore the folder") from e
+    finally:
+        for m in bars:
+            m.enable_progress_bar()
 
 
 def resolve_folder(name_or_path, marker: str, how: str) -> Path:

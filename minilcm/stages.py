@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (SHIPPED_DIR, check_export, content_hash, default_export, is_shipped, resolve,
+from .checkpoints import (SHIPPED_DIR, atomic_write, check_export, content_hash, default_export, is_shipped, resolve,
                           save_model, shipped_dir, staged_folder, strip_machine_paths)
+from .errors import InputError
 from .profiles import current, pick
 
 
@@ -85,8 +86,6 @@ def latent_cache(vae_folder: Path, n: int, encode_fn) -> torch.Tensor:
     """CIFAR-10 train latents (the first ``n`` of a seeded subset, then their mirror images), cached under
     ``runs/cache`` keyed by the autoencoder's weights and the subset: another autoencoder never reuses them.
     ``encode_fn(images, flip) -> latents``. Written atomically by whichever stage computes it first."""
-    import os
-
     from .datasets import cifar10
 
     train_set = cifar10("train")
@@ -100,12 +99,7 @@ def latent_cache(vae_folder: Path, n: int, encode_fn) -> torch.Tensor:
     part = train_set.subset(n) if n < len(train_set) else train_set
     z = torch.cat([encode_fn(part.images, False), encode_fn(part.images, True)])  # hflip augmentation
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(z, tmp)
-        os.replace(tmp, cache)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(cache, lambda tmp: torch.save(z, tmp))
     return z
 
 
@@ -280,17 +274,17 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     seconds = time.perf_counter() - t0
     pipe = assemble_pipeline(res.ema.eval(), vae, te, tok, sd_scheduler("ddim"))
     vae_meta = (out / "vae" / "meta.json").read_text() if (out / "vae" / "meta.json").exists() else "{}"
-    with staged_folder(out) as folder:
-        pipe.to(torch.float16).save_pretrained(str(folder))
-        pipe.to(torch.float32)
-        (folder / "vae" / "meta.json").write_text(vae_meta)
-        strip_machine_paths(folder)
     meta = {"stage": "minisd", "unet_size": size, "unet_params": sum(p.numel() for p in unet.parameters()),
             "text_encoder": "CLIPTextModel (2 layers, 64 wide), random init, frozen", "captions": CAPTION_TEMPLATES,
             "cond_drop": 0.1, "schedule": "scaled_linear", "steps": steps, "images_seen": steps * batch,
             "final_loss": round(_tail_mean(res.losses), 5),
             **provenance(seconds, device)}
-    write_meta(out, meta)
+    with staged_folder(out) as folder:  # pipeline, vae metadata and meta.json: one unit
+        pipe.to(torch.float16).save_pretrained(str(folder))
+        pipe.to(torch.float32)
+        (folder / "vae" / "meta.json").write_text(vae_meta)
+        strip_machine_paths(folder)
+        write_meta(folder, meta)
     return {**meta, "exported_to": str(out)}
 
 
@@ -410,7 +404,7 @@ def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool 
     out = export_target(out, CD_NAME, replace_shipped)
     t = load_model_folder(teacher, device=device)
     if t.kind != "pixel-teacher":
-        raise ValueError(f"{teacher} holds a {t.kind} model; `minilcm train cd` distils a pixel DDPM teacher "
+        raise InputError(f"{teacher} holds a {t.kind} model; `minilcm train cd` distils a pixel DDPM teacher "
                          "(`minilcm train ddpm` makes one)")
     recipe = CifarCDRecipe(
         steps=pick(fast=2, cpu=1200, gpu=20_000), batch_size=pick(fast=4, cpu=32, gpu=256),

@@ -105,12 +105,12 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> dict:
     return out
 
 
-def _load_optim(opt, tensors, groups, where):
+def _load_optim(opt, tensors, groups, where, check: bool = True):
     state = {}
     for k, v in unprefixed(tensors, "optim").items():
         i, name = k.split(".", 1)
         state.setdefault(int(i), {})[name] = v
-    if len({frozenset(st) for st in state.values()}) > 1:  # an older minilcm saved mid-step on Ctrl-C
+    if check and len({frozenset(st) for st in state.values()}) > 1:  # an older minilcm saved mid-step on Ctrl-C
         raise CheckpointError(f"the checkpoint in {where} holds a half-updated optimizer (written while a step was "
                               "interrupted); delete the folder to start afresh")
     sd = opt.state_dict()
@@ -193,7 +193,8 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
             load_into(ema, unprefixed(tensors, "ema"), meta.get("model_config"), str(ckpt))
         if isinstance(loss_fn, nn.Module):
             loss_fn.load_state_dict(unprefixed(tensors, "loss"))
-        _load_optim(opt, tensors, meta["param_groups"], ckpt)
+        # torch's AdamW gives every parameter the same state; bitsandbytes' 8-bit AdamW does not (by tensor size)
+        _load_optim(opt, tensors, meta["param_groups"], ckpt, check=cfg.optimizer == "adamw")
         gen.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
         if device.type == "cuda" and "rng.cuda" in tensors:
@@ -256,15 +257,15 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
             due = bool(cfg.ckpt_minutes and ckpt is not None and time.perf_counter() - t_saved >= 60 * cfg.ckpt_minutes)
             signum, due = stop.poll(due)
             if signum is not None:
-                stop.restore()
-                save(done)  # every completed step is kept
+                save(done)  # every completed step is kept (a second signal now stops at once; the write is atomic)
                 raise TrainingInterrupted(done, cfg.steps, signum, saved_to=ckpt)
             if done < cfg.steps and (due or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
                 save(done)
                 t_saved = time.perf_counter()
         save(cfg.steps)  # still under the handlers: a signal now waits for this save
-        if stop.signum is not None:
-            raise TrainingInterrupted(cfg.steps, cfg.steps, stop.signum, saved_to=ckpt)
+        signum, _ = stop.poll(False)  # agreed by every rank, as in the loop
+        if signum is not None:
+            raise TrainingInterrupted(cfg.steps, cfg.steps, signum, saved_to=ckpt)
     finally:
         stop.restore()
         bar.close()

@@ -196,6 +196,10 @@ TRAIN_CASES = [
     ("cifar-corrupt", ["train", "evaluator", "--out", "{tmp}/e"], {"MINILCM_CIFAR": "{tmp}/corrupt.tar.gz"},
      "MINILCM_CIFAR"),
     ("stage-unknown", ["train", "vae"], {}, "invalid choice"),
+    ("out-holds-other-files", ["train", "ddpm", "--out", "{tmp}/notes"], {}, "holds no exported model"),
+    ("out-is-the-shipped-root", ["train", "ddpm", "--out", str(SHIPPED), "--replace-shipped"], {},
+     "name a new folder"),
+    ("out-is-the-working-folder", ["train", "ddpm", "--out", "."], {}, "name a new folder"),
 ]
 
 
@@ -205,6 +209,8 @@ def test_train_bad_input(case, tiny, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "corrupt.tar.gz").write_bytes(b"\x1f\x8b\x08 this is not a tar archive")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("an export must not wipe me")
     monkeypatch.chdir(work)
     monkeypatch.setenv("MINILCM_PROFILE", "fast")
     fmt = {"tmp": str(tmp_path), **tiny}
@@ -307,6 +313,31 @@ def test_a_half_updated_optimizer_is_named_not_a_keyerror(tmp_path):
     cfg.steps = 6
     with pytest.raises(CheckpointError, match="half-updated optimizer.*delete the folder"):
         train(net(), loss, data, cfg)
+
+
+def test_a_failed_swap_puts_the_old_export_back(tmp_path, monkeypatch):
+    """staged_folder: the old export is moved aside, the new one renamed in; if that second rename fails, the old
+    one is put back (never a missing folder), and no staging folder is left."""
+    import os
+
+    from minilcm import checkpoints
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "meta.json").write_text("old")
+    real = os.replace
+
+    def fail_second(a, b):
+        if str(a).endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(checkpoints.os, "replace", fail_second)
+    with pytest.raises(OSError):
+        with checkpoints.staged_folder(out) as tmp:
+            (tmp / "meta.json").write_text("new")
+    assert (out / "meta.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_debug_shows_the_traceback(tiny, tmp_path, capsys, monkeypatch):

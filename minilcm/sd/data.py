@@ -182,9 +182,12 @@ class LatentCaptions:
     def save(self, path):
         from safetensors.torch import save_file
 
+        from ..checkpoints import atomic_write
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": self.latents.contiguous(), "embeds": self.embeds.contiguous(),
-                   "empty": self.empty.contiguous()}, str(path))
+        atomic_write(Path(path), lambda tmp: save_file({"latents": self.latents.contiguous(),
+                                                        "embeds": self.embeds.contiguous(),
+                                                        "empty": self.empty.contiguous()}, str(tmp)))
 
     @classmethod
     def load(cls, path) -> LatentCaptions:
