@@ -11,6 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+def record_message(err: str) -> None:
+    """With MINILCM_RECORD_MESSAGES=FILE, append {case, stderr} as a JSON line: the list of bad inputs and their
+    messages, for a maintainer to read (pytest tests/test_bad_inputs.py tests/test_sd.py)."""
+    f = os.environ.get("MINILCM_RECORD_MESSAGES")
+    if f:
+        case = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(f, "a") as fh:
+            fh.write(json.dumps({"case": case, "stderr": err.strip()}) + "\n")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """The tests use tiny tensors (2-D points, (B, K, 2, 2) covariances, small UNets): one thread avoids the thread

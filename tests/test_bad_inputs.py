@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import record_message
 from minilcm.checkpoints import CheckpointError
 from minilcm.cli import main
 
@@ -31,6 +32,7 @@ def run_cli(capsys, argv):
 
 def assert_clear(rc, err, fix, code=2):
     """Exit ``code``, a message of at most three lines containing ``fix``, no traceback."""
+    record_message(err)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == code, (rc, err)
     assert "Traceback" not in err, err
@@ -289,6 +291,7 @@ def test_api_bad_input(name, tiny):
     with pytest.raises(exc) as e:
         fn()
     msg = str(e.value)
+    record_message(f"{type(e.value).__name__}: {msg}")
     assert fix in msg and len(msg.strip().splitlines()) <= 3, msg
 
 

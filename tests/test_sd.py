@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import record_message
 from minilcm import sd
 from minilcm.consistency import ConsistencyModel, LCMScalings
 from minilcm.lcm import lcm_sample, lcm_timesteps
@@ -524,6 +525,7 @@ def test_sd_distill_mistakes_are_one_short_message(case, teacher, data, tmp_path
     extra = [str(tmp_path / "cache.safetensors") if a == "CACHE" else a for a in extra]
     before = snapshot(c.out)
     rc, err = run_sd_distill(sd_argv(t, d, c.out, *extra), capsys)
+    record_message(err)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and 1 <= len(lines) <= 3, err
     assert lines[0].startswith("minilcm sd-distill: error: ") and "Traceback" not in err, err
