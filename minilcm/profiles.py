@@ -22,7 +22,9 @@ def current() -> str:
     if not p:
         return "gpu" if torch.cuda.is_available() else "cpu"
     if p not in PROFILES:
-        raise ValueError(f"MINILCM_PROFILE={p!r} is not a profile; set it to one of {', '.join(PROFILES)}")
+        from .errors import InputError
+
+        raise InputError(f"MINILCM_PROFILE={p!r} is not a profile; set it to one of {', '.join(PROFILES)}")
     return p
 
 

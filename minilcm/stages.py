@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (SHIPPED_DIR, atomic_write, check_export, content_hash, default_export, is_shipped, resolve,
+from .checkpoints import (SHIPPED_DIR, CheckpointError, atomic_write, check_export, content_hash, default_export, is_shipped, resolve,
                           save_model, shipped_dir, staged_folder, strip_machine_paths)
 from .errors import InputError
 from .profiles import current, pick
@@ -243,7 +243,7 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
 
     out = export_target(out, MINISD_NAME, replace_shipped)
     if not (out / "vae").exists():
-        raise FileNotFoundError(f"{out / 'vae'} is missing: run `minilcm train autoencoder"
+        raise CheckpointError(f"{out / 'vae'} is missing: run `minilcm train autoencoder"
                                 f"{'' if out == default_export(MINISD_NAME) else ' --out ' + str(out)}` first")
     vae = AutoencoderKL.from_pretrained(str(out / "vae"), dtype=torch.float32).eval()
     sf = vae.config.scaling_factor

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError
-from ..errors import UserError
+from ..errors import InputError, UserError
 from ..consistency import ConsistencyModel, LCMScalings, l2, pseudo_huber
 from ..lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
 from ..schedules import Schedule
@@ -101,48 +101,48 @@ def _flag(name: str) -> str:
 def validate(cfg: DistillConfig) -> None:
     """Fail with a one-line ValueError (naming the flag) on a setting that cannot work; run before any loading."""
     if cfg.mode not in ("full", "lora"):
-        raise ValueError(f"--mode must be 'full' or 'lora', got {cfg.mode!r}")
+        raise InputError(f"--mode must be 'full' or 'lora', got {cfg.mode!r}")
     for name, low in (("steps", 1), ("batch_size", 1), ("k", 1), ("lora_rank", 1), ("w_dim", 1),
                       ("ckpt_every", 0), ("warmup_steps", 0)):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
+            raise InputError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
     if cfg.resolution is not None and (isinstance(cfg.resolution, bool) or not isinstance(cfg.resolution, int)
                                        or cfg.resolution < 1):
-        raise ValueError(f"--resolution must be a positive integer (pixels), got {cfg.resolution!r}")
+        raise InputError(f"--resolution must be a positive integer (pixels), got {cfg.resolution!r}")
 
     def finite(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     if cfg.lr is not None and not (finite(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr!r}")
+        raise InputError(f"--lr must be a finite number > 0, got {cfg.lr!r}")
     for name in ("w", "w_min", "w_max"):
         v = getattr(cfg, name)
         if not (finite(v) and v >= 0):
-            raise ValueError(f"{_flag(name)} must be a finite number >= 0 (LCM convention: guidance_scale = w + 1), "
+            raise InputError(f"{_flag(name)} must be a finite number >= 0 (LCM convention: guidance_scale = w + 1), "
                              f"got {v!r}")
     if cfg.w_min > cfg.w_max:
-        raise ValueError(f"--w-min must be <= --w-max, got --w-min {cfg.w_min} --w-max {cfg.w_max}")
+        raise InputError(f"--w-min must be <= --w-max, got --w-min {cfg.w_min} --w-max {cfg.w_max}")
     if not (finite(cfg.mu) and 0 <= cfg.mu <= 1):
-        raise ValueError(f"mu (the target's EMA rate) must be in [0, 1], got {cfg.mu!r}")
+        raise InputError(f"mu (the target's EMA rate) must be in [0, 1], got {cfg.mu!r}")
     if cfg.grad_clip is not None and not (finite(cfg.grad_clip) and cfg.grad_clip > 0):
-        raise ValueError(f"grad_clip must be a finite number > 0 or None, got {cfg.grad_clip!r}")
+        raise InputError(f"grad_clip must be a finite number > 0 or None, got {cfg.grad_clip!r}")
     for name, allowed in (("distance", ("huber", "l2")), ("precision", ("bf16", "fp16", "no")),
                           ("optimizer", ("adamw", "adamw8bit"))):
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+            raise InputError(f"{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     n = (cfg.dataset or {}).get("max_samples")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"--max-samples must be an integer >= 1, got {n!r}")
+        raise InputError(f"--max-samples must be an integer >= 1, got {n!r}")
     if cfg.device is not None:
         try:
             dev = torch.device(cfg.device)
         except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"--device {cfg.device!r} is not a device: use cpu, cuda or cuda:N") from e
+            raise InputError(f"--device {cfg.device!r} is not a device: use cpu, cuda or cuda:N") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}, but CUDA is not available here: use --device cpu")
+            raise InputError(f"--device {cfg.device}, but CUDA is not available here: use --device cpu")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {cfg.device}, but this machine has {torch.cuda.device_count()} GPU(s): "
+            raise InputError(f"--device {cfg.device}, but this machine has {torch.cuda.device_count()} GPU(s): "
                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if cfg.optimizer == "adamw8bit":
         try:
@@ -160,24 +160,24 @@ def validate(cfg: DistillConfig) -> None:
 def check_out(out: Path) -> None:
     """OUT must be a folder (or not exist yet) somewhere writable."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {out} is a file: pass a folder (it is created if missing)")
+        raise InputError(f"OUT {out} is a file: pass a folder (it is created if missing)")
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ValueError(f"OUT {out}: {probe} is a file, not a folder: pass another OUT")
+        raise InputError(f"OUT {out}: {probe} is a file, not a folder: pass another OUT")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"OUT {out}: {probe} is not writable: pass another OUT")
+        raise InputError(f"OUT {out}: {probe} is not writable: pass another OUT")
 
 
 def check_fit(cfg: DistillConfig, pipe, resolution: int) -> None:
     """The settings that depend on the teacher: its schedule, T >= k, a resolution the VAE can take."""
     T = schedule_of(pipe.scheduler).T
     if cfg.k > T:
-        raise ValueError(f"--k must be in 1..{T} (the teacher's training timesteps), got {cfg.k}")
+        raise InputError(f"--k must be in 1..{T} (the teacher's training timesteps), got {cfg.k}")
     f = vae_scale_factor(pipe)
     if resolution % f:
-        raise ValueError(f"--resolution must be a multiple of {f} (the teacher's VAE factor), got {resolution}")
+        raise InputError(f"--resolution must be a multiple of {f} (the teacher's VAE factor), got {resolution}")
 
 
 # ---- resuming: the checkpoint in OUT must come from a run of the same kind -------------------------
