@@ -16,7 +16,7 @@ def record_message(err: str) -> None:
     messages, for a maintainer to read (pytest tests/test_bad_inputs.py tests/test_sd.py)."""
     f = os.environ.get("MINILCM_RECORD_MESSAGES")
     if f:
-        case = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        case = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # drop " (call)"
         with open(f, "a") as fh:
             fh.write(json.dumps({"case": case, "stderr": err.strip()}) + "\n")
 
