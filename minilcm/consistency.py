@@ -1,7 +1,7 @@
 """Consistency models: the consistency function, distillation (CD), training (CT) and CM sampling.
 
 Song et al. 2023, "Consistency Models" (arXiv 2303.01469); Song & Dhariwal 2023, "Improved Techniques for
-Training Consistency Models" (iCT, arXiv 2310.14189). Everything lives in VP time (DESIGN.md): t is the
+Training Consistency Models" (iCT, arXiv 2310.14189). Everything lives in VP time: t is the
 diffusers-style float timestep, x_t = alpha_t x_0 + sigma_t eps.
 
 The consistency function maps every point of one PF-ODE trajectory to the trajectory's origin,

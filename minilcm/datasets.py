@@ -121,7 +121,7 @@ class GaussianMixture:
 
 
 class OracleEps(torch.nn.Module):
-    """The exact eps-model of a GaussianMixture: eps(x, t) = -sigma_t * score_t(x) (DESIGN.md's call convention).
+    """The exact eps-model of a GaussianMixture: eps(x, t) = -sigma_t * score_t(x) (the package call convention, minilcm.diffusion).
 
     ``class_labels`` equal to ``null_class`` (default: the mixture's num_classes) mean 'unconditional',
     exactly as for a model trained with label dropout.

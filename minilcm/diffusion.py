@@ -1,6 +1,6 @@
 """The forward process, parameterisation conversions, denoising losses and the DDPM sampler.
 
-Ho et al. 2020 (DDPM, arXiv 2006.11239). Every model follows one convention (DESIGN.md):
+Ho et al. 2020 (DDPM, arXiv 2006.11239). Every model follows one convention:
 
     model(x_t, t, **cond) -> eps          t: (B,) float diffusers-style timesteps
 

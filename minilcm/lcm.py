@@ -2,7 +2,7 @@
 
 Luo et al. 2023, "Latent Consistency Models" (arXiv 2310.04378). Reference implementations this module agrees
 with: diffusers' ``LCMScheduler`` (sampling) and ``examples/consistency_distillation/train_lcm_distill_sd_wds.py``
-(distillation). Time is VP time (DESIGN.md): t is the diffusers-style timestep, x_t = alpha_t x_0 + sigma_t eps.
+(distillation). Time is VP time: t is the diffusers-style timestep, x_t = alpha_t x_0 + sigma_t eps.
 Nothing here knows about latents: the same code distils the 2-D MLP and a Stable-Diffusion UNet.
 
     guidance_embedding(w, dim)                    the student's w input (diffusers' ``timestep_cond``) (B,) -> (B, dim)
@@ -12,7 +12,7 @@ Nothing here knows about latents: the same code distils the 2-D MLP and a Stable
     LatentConsistencyDistillation(teacher, student, conditioning, k, w_min, w_max)   the LCD loss (Algorithm 1)
     lcm_sample(model, x, schedule, timesteps, cond=, w=)   the multistep LCM sampler (Algorithm 3)
 
-**Conditioning.** ``cond`` is the dict of keyword arguments of the teacher, ``model(x, t, **cond)`` (DESIGN.md's
+**Conditioning.** ``cond`` is the dict of keyword arguments of the teacher, ``model(x, t, **cond)`` (the package's
 one convention): ``{"class_labels": (B,)}`` for the 2-D MLP or a class UNet, ``{"encoder_hidden_states": (B, L, D)}``
 for a UNet2DConditionModel. ``uncond`` has the same keys holding the unconditional value: the null class, or the
 embedding of the empty prompt. A *conditioning* object turns a training batch into these dicts:

@@ -1,7 +1,7 @@
 """The VP-SDE, its reverse-time SDE and its probability-flow ODE, in the schedule's continuous time.
 
 Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential Equations"
-(arXiv 2011.13456). Time ``t`` is the diffusers-style float timestep in [0, T-1] (DESIGN.md), and
+(arXiv 2011.13456). Time ``t`` is the diffusers-style float timestep in [0, T-1], and
 beta(t) = -d log alpha_bar / dt is ``Schedule.beta`` (a C^2 spline, so alpha_bar is exact at every integer):
 
     forward SDE (Eq. 11)   dx = f(t) x dt + g(t) dw,          f(t) = -1/2 beta(t),  g(t) = sqrt(beta(t))

@@ -1,4 +1,4 @@
-"""Noise-prediction models. Every one is called as ``model(x_t, t, **cond) -> eps`` (DESIGN.md)."""
+"""Noise-prediction models. Every one is called as ``model(x_t, t, **cond) -> eps``."""
 from .mlp import MLPDenoiser, timestep_embedding
 from .unet import UNET_SIZES, cifar_unet, EpsUNet
 
