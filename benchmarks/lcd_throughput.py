@@ -36,7 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minilcm.lcm import LatentConsistencyDistillation, TextConditioning, lcm_student  # noqa: E402
+from minilcm.guidance import TextConditioning
+from minilcm.lcm import LatentConsistencyDistillation, lcm_student  # noqa: E402
 from minilcm.consistency import l2  # noqa: E402
 from minilcm.schedules import Schedule  # noqa: E402
 from minilcm.sd.data import LatentCaptions  # noqa: E402

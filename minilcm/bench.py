@@ -1,127 +1,23 @@
-"""Sampler benchmarks: quality against the number of model evaluations (NFE).
-
-Every row compares one solver at one NFE budget with a converged solution *of the same ODE from the same
-noise* (the ODE error, free of learning error), optionally with data samples (the 2-D distribution
-distance) and with an image metric (a hook for the FID-like evaluator of ``minilcm.metrics``, which does
-not exist yet: until then the column stays None).
-
-    rows = solver_benchmark(model, schedule, x_T, nfes=[5, 10, 20], solvers=DEFAULT_SOLVERS, reference=x_ref)
-
-``model_benchmark`` (``minilcm bench``) does the same for the shipped CIFAR-10 teachers and students, with the image
-metric FD-clf (``minilcm.evaluator``), class accuracy and the wall time per image, and checks the LCM headline.
+"""``minilcm bench``: FD-clf, class accuracy and wall clock of every sampler at every NFE on the shipped CIFAR-10
+teachers and students, and the LCM headline checked. (The solver-error benchmark is ``minilcm.solver_bench``.)
 """
 from __future__ import annotations
 
-import math
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from .metrics import sliced_wasserstein
-from .schedules import Schedule
-from .solvers import get_sampler, timesteps_for_nfe
+from .checkpoints import CheckpointError, atomic_write, update_meta
+from .datasets import cifar10
+from .evaluator import Evaluator
+from .generate import balanced_labels, generate
+from .profiles import hardware
+from .zoo import load_model_folder
 
-# label -> (sampler name, keyword arguments)
-DEFAULT_SOLVERS = {
-    "DDIM": ("ddim", {}),
-    "DPM-Solver-2": ("dpm_solver", {"order": 2}),
-    "DPM-Solver-3": ("dpm_solver", {"order": 3}),
-    "DPM-Solver++(2M)": ("dpm_solver_pp", {}),
-}
-
-
-@dataclass
-class BenchRow:
-    solver: str
-    nfe: int                         # model evaluations actually spent (<= the budget)
-    err_ref: float                   # RMS distance to the reference solution from the same noise
-    dist_data: float | None = None   # distance of the samples to data samples (2-D), if data was given
-    image_metric: float | None = None  # FID-like image metric, once minilcm.metrics has the evaluator
-    seconds: float = 0.0             # wall time of the sampler call
-    x: torch.Tensor | None = field(default=None, repr=False)  # the samples, with keep_samples=True
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root-mean-square difference sqrt(mean((a - b)^2)) over every element."""
-    return (a.double() - b.double()).pow(2).mean().sqrt().item()
-
-
-def reference_solution(model, schedule: Schedule, x_T: torch.Tensor, nfe: int = 1000, *, sampler="dpm_solver",
-                       spacing: str = "lambda", denoise_to_zero: bool = True, t_min: float = 0.0, cond=None,
-                       **kwargs) -> torch.Tensor:
-    """The converged PF-ODE solution from x_T: by default DPM-Solver-3 with ``nfe`` evaluations (333 steps for 1000).
-
-    A third-order solver is used rather than 1000 DDIM steps, whose own O(1/1000) error would hide the
-    error of the better solvers at 20-50 NFE.
-    """
-    kwargs = {"order": 3, **kwargs} if sampler == "dpm_solver" else kwargs
-    fn = get_sampler(sampler)
-    ts = timesteps_for_nfe(schedule, nfe, sampler, spacing=spacing, denoise_to_zero=denoise_to_zero, t_min=t_min,
-                           **kwargs)
-    return fn(model, x_T, schedule, ts, cond=cond, denoise_to_zero=denoise_to_zero, **kwargs).x
-
-
-def solver_benchmark(model, schedule: Schedule, x_T: torch.Tensor, nfes, solvers: dict | None = None,
-                     reference: torch.Tensor | None = None, data: torch.Tensor | None = None, *,
-                     spacing: str = "lambda", denoise_to_zero: bool = True, t_min: float = 0.0, cond=None,
-                     distance: Callable = sliced_wasserstein, image_metric: Callable | None = None,
-                     keep_samples: bool = False, progress: bool = False) -> list[BenchRow]:
-    """Run every solver at every NFE budget from the same noise ``x_T`` and measure it.
-
-    solvers   {label: (sampler name, kwargs)}; default ``DEFAULT_SOLVERS``. Each run uses the most
-              timesteps (``spacing``, from T-1 to t_min) that fit the budget (``timesteps_for_nfe``).
-    reference the converged solution from x_T (default: ``reference_solution`` with 1000 NFE).
-    data      samples of the data distribution: adds ``distance(samples, data)`` (sliced W2 by default).
-    image_metric  callable(images) -> float, e.g. the FID-like metric of ``minilcm.metrics`` once the
-              evaluator exists; None leaves the column empty (no number is made up).
-    keep_samples  store each run's samples in ``row.x`` (for pictures).
-    """
-    solvers = DEFAULT_SOLVERS if solvers is None else solvers
-    common = dict(spacing=spacing, denoise_to_zero=denoise_to_zero, t_min=t_min)
-    if reference is None:
-        reference = reference_solution(model, schedule, x_T, cond=cond, **common)
-    runs = [(label, name, kw, nfe) for label, (name, kw) in solvers.items() for nfe in nfes]
-    if progress:
-        from tqdm.auto import tqdm
-        runs = tqdm(runs, desc="solver benchmark")
-    rows = []
-    for label, name, kw, nfe in runs:
-        ts = timesteps_for_nfe(schedule, nfe, name, **common, **kw)
-        start = time.perf_counter()
-        out = get_sampler(name)(model, x_T, schedule, ts, cond=cond, denoise_to_zero=denoise_to_zero, **kw)
-        seconds = time.perf_counter() - start
-        rows.append(BenchRow(label, out.nfe, rms(out.x, reference),
-                             distance(out.x, data) if data is not None else None,
-                             image_metric(out.x) if image_metric is not None else None, seconds,
-                             out.x if keep_samples else None))
-    return rows
-
-
-def convergence_order(rows: list[BenchRow], solver: str, min_nfe: int = 0, key: str = "err_ref") -> float:
-    """The empirical order p in err ~ C NFE^-p: minus the least-squares slope of log err against log NFE."""
-    pts = [(r.nfe, getattr(r, key)) for r in rows if r.solver == solver and r.nfe >= min_nfe]
-    if len(pts) < 2:
-        raise ValueError(f"need at least two rows of {solver!r} with nfe >= {min_nfe} to fit a slope")
-    x = torch.tensor([math.log(n) for n, _ in pts], dtype=torch.float64)
-    y = torch.tensor([math.log(e) for _, e in pts], dtype=torch.float64)
-    xc = x - x.mean()
-    return -((xc * (y - y.mean())).sum() / (xc * xc).sum()).item()
-
-
-def table(rows: list[BenchRow]) -> str:
-    """The rows as a fixed-width text table."""
-    fmt = lambda v, f, w: "-".rjust(w) if v is None else format(v, f"{w}{f}")  # noqa: E731
-    lines = [f"{'solver':<18}{'NFE':>5}{'err_ref':>11}{'dist_data':>11}{'image':>9}{'seconds':>9}"]
-    for r in rows:
-        lines.append(f"{r.solver:<18}{r.nfe:>5}{fmt(r.err_ref, '.3e', 11)}{fmt(r.dist_data, '.4f', 11)}"
-                     f"{fmt(r.image_metric, '.3f', 9)}{r.seconds:>9.3f}")
-    return "\n".join(lines)
-
-
-# ---- minilcm bench: every sampler at every NFE on the shipped teachers and students ---------------------
 # The headline of the LCM talk (Luo et al. 2023, arXiv 2310.04378, Sec. 5): about 4 steps instead of 20+, at least
 # 5x faster, CFG included. ``model_benchmark`` measures it on the course's own models, all in one run.
 #
@@ -154,17 +50,8 @@ class ModelBenchRow:
     note: str = ""
 
 
-def _hardware(device) -> str:
-    from .profiles import hardware
-
-    return hardware(device)
-
-
 def _reference_images(n: int):
     """n class-balanced CIFAR-10 test images (uint8 (n, 3, 32, 32)) and labels: the first of each class in turn."""
-    from .datasets import cifar10
-    from .generate import balanced_labels
-
     test = cifar10("test")
     want = balanced_labels(n)
     by_class = {c: (test.labels == c).nonzero().flatten().tolist() for c in range(10)}
@@ -190,12 +77,6 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
 
     Returns {"header", "rows" (list of dict), "checks", "notes", "table" (markdown), "files"}.
     """
-    import json
-
-    from .checkpoints import CheckpointError
-    from .evaluator import Evaluator
-    from .generate import generate, load_model_folder
-
     plan = BENCH_PLAN if plan is None else plan
     ev = Evaluator.load(evaluator, device=device)
     notes, models = [], {}
@@ -215,7 +96,6 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
     runs = [(role, s, k) for role in models for s, steps in plan[role] for k in steps]
     it = runs
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(runs, desc="minilcm bench")
     rows = []
     for role, sampler, steps in it:
@@ -241,7 +121,7 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
     except Exception as e:  # CIFAR-10 unavailable: the reference rows are optional
         notes.append(f"reference rows skipped: {type(e).__name__}: {e}")
     checks = headline_checks(rows)
-    header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": _hardware(device), "device": str(device),
+    header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(device), "device": str(device),
               "n": n, "w": w, "guidance_scale": w + 1, "seed": seed, "batch": batch,
               "evaluator": {"path": str(evaluator), **ev.meta.get("metrics", {})}, "torch": torch.__version__}
     if n < 1000:
@@ -252,8 +132,6 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
     res["files"] = {}
     if out is not None:
         out = Path(out)
-        from .checkpoints import atomic_write
-
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "bench.md", lambda tmp: tmp.write_text(res["table"]))
         atomic_write(out / "bench.json", lambda tmp: tmp.write_text(
@@ -374,8 +252,6 @@ def record_metrics(bench, by: str = "minilcm bench") -> list[str]:
     {"n", "w", "measured", "hardware", "by", "<sampler>@<steps>": {"fd_clf", "class_acc", "ms_per_image", "nfe"}}.
     ``bench`` is ``model_benchmark``'s result or the path of its ``bench.json``. Returns the files written.
     (This is how the shipped checkpoints' metadata gets its benchmark numbers: run the benchmark, then record it.)"""
-    import json
-
     res = json.loads(Path(bench).read_text()) if isinstance(bench, (str, Path)) else bench
     h, per_path = res["header"], {}
     for r in res["rows"]:
@@ -386,13 +262,4 @@ def record_metrics(bench, by: str = "minilcm bench") -> list[str]:
         entry[f"{r['sampler']}@{r['steps']}"] = {
             "fd_clf": round(r["fd_clf"], 2), "nfe": r["nfe"], "ms_per_image": round(r["sec_per_image"] * 1e3, 2),
             "class_acc": None if r["class_acc"] is None else round(r["class_acc"], 4)}
-    written = []
-    for path, entry in per_path.items():
-        f = Path(path) / "meta.json"
-        meta = json.loads(f.read_text()) if f.exists() else {}
-        if str(meta.get("metrics", {}).get("by", "")).startswith("notebooks/07"):  # the older, flat layout
-            del meta["metrics"]
-        meta["bench"] = entry
-        f.write_text(json.dumps(meta, indent=1, default=str))
-        written.append(str(f))
-    return written
+    return [str(update_meta(path, {"bench": entry})) for path, entry in per_path.items()]

@@ -62,6 +62,21 @@ def atomic_write(target: Path, write) -> None:
         raise
 
 
+def write_meta(folder, meta: dict) -> Path:
+    """Write a model folder's ``meta.json`` (its provenance, metrics and benchmark rows) atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
+    return folder / "meta.json"
+
+
+def update_meta(folder, updates: dict) -> Path:
+    """Merge ``updates`` into a folder's ``meta.json`` (top-level keys replaced), atomically."""
+    f = Path(folder) / "meta.json"
+    meta = json.loads(f.read_text()) if f.exists() else {}
+    return write_meta(folder, {**meta, **updates})
+
+
 def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint folder written by :func:`save_checkpoint` (or an older one with only config.json)."""
     path = Path(path)
@@ -295,3 +310,40 @@ def strip_machine_paths(folder) -> None:
         if isinstance(cfg, dict) and "_name_or_path" in cfg:
             cfg.pop("_name_or_path")
             f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# ---- diffusers folders -------------------------------------------------------------------------------
+def resolve_folder(name_or_path, marker: str, how: str) -> Path:
+    """A shipped folder name or a path, checked for ``marker``; a clear error naming the fix otherwise."""
+    try:
+        path = resolve(name_or_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} ({how})") from None
+    if not (path / marker).exists():
+        raise CheckpointError(f"{path} has no {marker}: it is not a complete checkpoint ({how})")
+    return path
+
+
+def load_pretrained(cls, path: Path, what: str, **kw):
+    """diffusers' ``from_pretrained`` with its failures (a truncated safetensors, a config of another width, a
+    missing file) as one-line CheckpointErrors instead of 40-line tracebacks."""
+    from diffusers.utils import logging as dlog
+
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:
+        tlog = None
+    bars = [m for m in (dlog, tlog) if m is not None and m.is_progress_bar_enabled()]
+    for m in bars:
+        m.disable_progress_bar()  # "Loading pipeline components": a small model loads in a blink
+    try:
+        return cls.from_pretrained(str(path), **kw)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e) or "shape" in msg:
+            msg = "its weights do not fit its config.json (a config of another size?)"
+        raise CheckpointError(f"the {what} in {path} cannot be loaded ({type(e).__name__}: {msg[:160]}); "
+                              "re-export it with the recipe, or restore the folder") from e
+    finally:
+        for m in bars:
+            m.enable_progress_bar()

@@ -31,7 +31,7 @@ def demo(args) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from .datasets import GaussianMixture
+    from .toys import GaussianMixture
     from .diffusion import DenoisingLoss, ddpm
     from .metrics import sliced_wasserstein
     from .models import MLPDenoiser
@@ -138,7 +138,8 @@ def sample(args) -> int:
     """Sample images from a checkpoint (minilcm.generate) and write FILE.npz (images, labels) and FILE.png."""
     import numpy as np
 
-    from .generate import check_request, generate, guidance_range, load_model_folder
+    from .generate import check_request, generate
+    from .zoo import guidance_range, load_model_folder
 
     out = Path(args.out)
     if out.suffix != ".npz":

@@ -34,14 +34,11 @@ from torch import nn
 
 from .checkpoints import model_config
 from .diffusion import Sample, check_timesteps, eps_to_x0, model_eps, q_sample, split_batch
+from .errors import InputError
+from .preconditioning import edm_sigma
 from .schedules import Schedule, broadcast
 from .solvers import ddim_step
 from .train import ema_update
-
-
-def edm_sigma(schedule: Schedule, t) -> torch.Tensor:
-    """The EDM noise level of VP time t: s = sigma_t / alpha_t = exp(-lambda_t); x_t / alpha_t = x_0 + s eps. float64"""
-    return torch.exp(-schedule.lam(torch.as_tensor(t, dtype=torch.float64)))
 
 
 def keep_out_of_state_dict(module: nn.Module, name: str) -> None:
@@ -125,67 +122,6 @@ class LCMScalings:
         return eps_to_x0(schedule, x, t, eps)
 
 
-# ---- the parameterisation a consistency model is trained in ----------------------------------------
-class EDMPrecond(nn.Module):
-    """An eps-model made of a raw network with EDM's preconditioning (Karras et al. 2022, Eq. 7 and Table 1).
-
-    With s = sigma_t / alpha_t and x_edm = x_t / alpha_t:
-
-        D(x_t, t) = c_skip(s) x_t + c_out(s) raw(c_in(s) x_edm, t, **cond)
-        eps       = (x_t - alpha_t D) / sigma_t                  (the one convention: model(x_t, t) -> eps)
-
-    c_skip = sigma_data^2 / (s^2 + sigma_data^2), c_out = s sigma_data / sqrt(s^2 + sigma_data^2),
-    c_in = 1 / sqrt(s^2 + sigma_data^2). Why: a plain eps-net's x0-estimate (x_t - sigma_t eps) / alpha_t
-    multiplies its errors by sigma_t / alpha_t (158 at t = 999 of the linear schedule), fatal for a one-step
-    model trained from scratch; here raw's output has unit scale at every t. The skip acts on x_t, as in
-    :class:`CMScalings`, so ``ConsistencyModel(EDMPrecond(raw, schedule, sd), schedule, CMScalings(sd))`` is
-    exactly Song et al. 2023's f = c_skip x_t + c_out raw(...) (tests/test_consistency.py checks it).
-    """
-
-    def __init__(self, net: nn.Module, schedule: Schedule, sigma_data: float = 0.5):
-        super().__init__()
-        self.net, self.schedule, self.sigma_data = net, schedule, sigma_data
-        self.config = {"raw": model_config(net), "sigma_data": sigma_data, "schedule": schedule.kind}
-
-    @property
-    def null_class(self):
-        return getattr(self.net, "null_class", None)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        t64 = torch.as_tensor(t).detach().double().cpu()
-        t64 = t64.expand(x.shape[0]) if t64.ndim == 0 else t64
-        s, sd2 = edm_sigma(self.schedule, t64), self.sigma_data ** 2
-        alpha, sigma = self.schedule.alpha(t64), self.schedule.sigma(t64)
-        c_skip, c_out = sd2 / (s ** 2 + sd2), s * self.sigma_data / (s ** 2 + sd2).sqrt()
-        c_in = 1 / (s ** 2 + sd2).sqrt()
-        raw = self.net(broadcast(c_in / alpha, x) * x, t, **cond)  # c_in x_edm = c_in x_t / alpha_t
-        D = broadcast(c_skip, x) * x + broadcast(c_out, x) * raw
-        return (x - broadcast(alpha, x) * D) / broadcast(sigma, x)
-
-
-@dataclass
-class TeacherRegression:
-    """Fit an eps-model to a teacher as a function: a student copy for a teacher without weights (the oracle).
-
-        L = E_{x0, t ~ U[0, T-1], z} || model(x_t, t) - teacher(x_t, t) ||^2,   x_t = alpha_t x0 + sigma_t z
-
-    the DDPM loss (Ho et al. 2020, Eq. 14) with the teacher's eps as the target instead of the sampled z (its
-    conditional mean given x_t: same minimiser, less variance). A callable for ``minilcm.train``.
-    """
-
-    teacher: Callable
-    schedule: Schedule
-
-    def __call__(self, model, batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0, _ = split_batch(batch)
-        t = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64) * (self.schedule.T - 1)
-        z = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
-        x_t = q_sample(self.schedule, x0, t, z)
-        with torch.no_grad():
-            target = model_eps(self.teacher, x_t, t.to(x0.device))
-        return ((model_eps(model, x_t, t.to(x0.device)) - target) ** 2).mean()
-
-
 # ---- the consistency function ---------------------------------------------------------------------
 class ConsistencyModel(nn.Module):
     """f_theta(x_t, t, **cond) = c_skip(t) x_t + c_out(t) F_theta(x_t, t) (Song et al. 2023, Eq. 5), an x0-estimate.
@@ -242,6 +178,21 @@ def cm_timesteps(schedule: Schedule, N: int, t_min: float = 0.0, spacing: str = 
     ts = schedule.t_of_lam(lams.clamp(lam_lo, lam_hi))
     ts[0], ts[-1] = float(t_min), float(T)
     return ts
+
+
+def cm_sampling_times(schedule: Schedule, steps: int, N: int = 18, t_min: float = 0.0) -> list[float]:
+    """The times multistep consistency sampling (Algorithm 1) evaluates f at, noisiest first: ``steps`` times read
+    evenly from CD's N-interval Karras grid ``cm_timesteps(schedule, N, t_min)``, t_{N - floor(i N / steps)} for
+    i = 0 .. steps - 1. One step is T-1 alone; two give T-1 and the grid's middle t_{N/2}.
+
+    Why on the training grid: the student was only trained at those times (a network with a sinusoidal time
+    embedding is most accurate there), and why evenly spaced in the index: each re-noise step then covers the same
+    number of CD intervals. This is the one rule the package, ``minilcm bench`` and the notebooks use.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= N:
+        raise InputError(f"the consistency model takes 1..{N} steps, got {steps}")
+    grid = cm_timesteps(schedule, N, t_min).tolist()  # increasing, grid[N] = T - 1
+    return [grid[N - (i * N) // steps] for i in range(steps)]
 
 
 def ddim_solver(model: Callable, x: torch.Tensor, schedule: Schedule, t: float, s: float,

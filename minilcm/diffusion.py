@@ -222,3 +222,26 @@ def ddpm(model, x, schedule: Schedule, timesteps, *, cond=None, generator=None, 
         if return_trajectory:
             traj.append(x)
     return Sample(x, nfe=len(ts), trajectory=traj)
+
+
+@dataclass
+class TeacherRegression:
+    """Fit an eps-model to a teacher as a function: a student copy for a teacher without weights (the oracle).
+
+        L = E_{x0, t ~ U[0, T-1], z} || model(x_t, t) - teacher(x_t, t) ||^2,   x_t = alpha_t x0 + sigma_t z
+
+    the DDPM loss (Ho et al. 2020, Eq. 14) with the teacher's eps as the target instead of the sampled z (its
+    conditional mean given x_t: same minimiser, less variance). A callable for ``minilcm.train``.
+    """
+
+    teacher: Callable
+    schedule: Schedule
+
+    def __call__(self, model, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0, _ = split_batch(batch)
+        t = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64) * (self.schedule.T - 1)
+        z = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
+        x_t = q_sample(self.schedule, x0, t, z)
+        with torch.no_grad():
+            target = model_eps(self.teacher, x_t, t.to(x0.device))
+        return ((model_eps(model, x_t, t.to(x0.device)) - target) ** 2).mean()

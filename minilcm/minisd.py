@@ -2,10 +2,10 @@
 
     sd = MiniSD.load()                       # data/checkpoints/minisd-cifar10, a StableDiffusionPipeline folder
     x = sd.sample("dpm_solver_pp", 25, labels, w=1.0)                 # the teacher under CFG: (B, 3, 32, 32)
-    student = load_lcm_student()             # data/checkpoints/lcm-cifar10: the w-conditioned consistency model
+    student = zoo.load_lcm_student()         # data/checkpoints/lcm-cifar10: the w-conditioned consistency model
     x = sd.sample("lcm", 4, labels, w=1.0, student=student)
 
-Every teacher sampler runs the guided eps (``lcm.GuidedEps``: one fused batch of 2B rows per evaluation, so the
+Every teacher sampler runs the guided eps (``guidance.GuidedEps``: one fused batch of 2B rows per evaluation, so the
 teacher's NFE counts CFG's doubled work once per step but costs twice the rows); the LCM student bakes w in and
 costs B rows per step. Time is the diffusers-style timestep of Stable Diffusion's scaled_linear schedule.
 """
@@ -16,16 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, resolve
-from .consistency import ConsistencyModel, LCMScalings
+from .checkpoints import load_pretrained, resolve_folder
 from .datasets import CIFAR10_CLASSES
-from .lcm import GuidedEps, TextConditioning, lcm_sample, lcm_timesteps
+from .guidance import GuidedEps, TextConditioning
+from .latents import decode, encode
 from .models.sd import CAPTION_TEMPLATES, encode_prompts
+from .samplers import TEACHER_SAMPLERS, run_sampler
 from .schedules import Schedule
-from .solvers import get_sampler, teacher_timesteps
 
 MINISD_NAME, LCM_NAME = "minisd-cifar10", "lcm-cifar10"
-TEACHER_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_pp")
 
 
 class MiniSD:
@@ -50,7 +49,7 @@ class MiniSD:
 
         path = resolve_folder(name_or_path, "model_index.json",
                               "train it with `minilcm train autoencoder` then `minilcm train minisd`")
-        pipe = _from_pretrained(StableDiffusionPipeline, path, "mini-SD pipeline", dtype=torch.float32,
+        pipe = load_pretrained(StableDiffusionPipeline, path, "mini-SD pipeline", dtype=torch.float32,
                                 local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device)
@@ -72,14 +71,10 @@ class MiniSD:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch: int = 500) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, 32, 32), float32 on the CPU, from scaled latents."""
-        from .latents import decode
-
         return decode(self.vae, z, batch, self.scaling_factor).clamp(-1, 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-        from .latents import encode
-
         return encode(self.vae, images, batch, self.scaling_factor)
 
     def teacher(self, w: float) -> GuidedEps:
@@ -94,20 +89,15 @@ class MiniSD:
         sampler: ddpm / ddim / dpm_solver / dpm_solver_pp (the guided teacher on diffusers' trailing grid plus the
         final step to clean data: NFE = steps; dpm_solver is 2nd order, so steps // 2 steps) or lcm (``student``).
         """
-        B = cond.shape[0]
-        x = torch.randn((B, *self.latent_shape), generator=generator).to(self.device)
-        c = {"encoder_hidden_states": cond.to(self.device)}
-        if sampler == "lcm":
-            if student is None:
-                raise ValueError("sampler 'lcm' needs the LCM student: pass student=load_lcm_student()")
-            ts = lcm_timesteps(self.schedule, steps)
-            return lcm_sample(student, x, self.schedule, ts, cond=c, w=w, generator=generator).x
-        if sampler not in TEACHER_SAMPLERS:
+        if sampler == "lcm" and student is None:
+            raise ValueError("sampler 'lcm' needs the LCM student: pass student=load_lcm_student()")
+        if sampler not in TEACHER_SAMPLERS + ("lcm",):
             raise ValueError(f"unknown sampler {sampler!r} for the mini-SD; choose one of "
                              f"{', '.join(TEACHER_SAMPLERS + ('lcm',))}")
-        fn = get_sampler(sampler)
-        ts, kw = teacher_timesteps(self.schedule, sampler, steps)
-        return fn(self.teacher(w), x, self.schedule, ts, cond=c, generator=generator, **kw).x
+        x = torch.randn((cond.shape[0], *self.latent_shape), generator=generator).to(self.device)
+        model = student if sampler == "lcm" else self.unet
+        return run_sampler(sampler, model, x, self.schedule, steps, cond={"encoder_hidden_states": cond.to(self.device)},
+                           conditioning=self.conditioning, w=w, generator=generator).x
 
     def sample(self, sampler: str, steps: int, labels=None, prompts=None, w: float = 1.0, *, student=None,
                generator=None, batch: int = 250) -> torch.Tensor:
@@ -119,51 +109,3 @@ class MiniSD:
             out.append(self.decode(self.sample_latents(sampler, steps, cond, w, student=student,
                                                        generator=generator)))
         return torch.cat(out)
-
-
-def _from_pretrained(cls, path: Path, what: str, **kw):
-    """diffusers' ``from_pretrained`` with its failures (a truncated safetensors, a config of another width, a
-    missing file) as one-line CheckpointErrors instead of 40-line tracebacks."""
-    from diffusers.utils import logging as dlog
-
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:
-        tlog = None
-    bars = [m for m in (dlog, tlog) if m is not None and m.is_progress_bar_enabled()]
-    for m in bars:
-        m.disable_progress_bar()  # "Loading pipeline components": a small model loads in a blink
-    try:
-        return cls.from_pretrained(str(path), **kw)
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e) or "shape" in msg:
-            msg = "its weights do not fit its config.json (a config of another size?)"
-        raise CheckpointError(f"the {what} in {path} cannot be loaded ({type(e).__name__}: {msg[:160]}); "
-                              "re-export it with the recipe, or restore the folder") from e
-    finally:
-        for m in bars:
-            m.enable_progress_bar()
-
-
-def resolve_folder(name_or_path, marker: str, how: str) -> Path:
-    """A shipped folder name or a path, checked for ``marker``; a clear error naming the fix otherwise."""
-    try:
-        path = resolve(name_or_path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} ({how})") from None
-    if not (path / marker).exists():
-        raise CheckpointError(f"{path} has no {marker}: it is not a complete checkpoint ({how})")
-    return path
-
-
-def load_lcm_student(name_or_path=LCM_NAME, device="cpu") -> ConsistencyModel:
-    """The LCM student: a UNet2DConditionModel with a w input (``time_cond_proj_dim``) in LCMScalings, as the
-    consistency function f(x, t, w, c) that ``lcm.lcm_sample`` runs; its training record is ``student.meta``."""
-    from diffusers import UNet2DConditionModel
-
-    path = resolve_folder(name_or_path, "unet/config.json", "distil it with `minilcm train lcm`")
-    unet = _from_pretrained(UNet2DConditionModel, path / "unet", "LCM student UNet", dtype=torch.float32)
-    student = ConsistencyModel(unet.eval().to(device), Schedule("scaled_linear"), LCMScalings())
-    student.meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
-    return student

@@ -55,7 +55,7 @@ def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool
     ckpt_dir = ckpt_dir or f"runs/cifar-ddpm-{recipe.size}-{recipe.steps}"  # resumes only the same recipe
     model = cifar_unet(recipe.size, num_classes=recipe.num_classes)
     if recipe.precond == "edm":
-        from .consistency import EDMPrecond
+        from .preconditioning import EDMPrecond
 
         model = EDMPrecond(model, Schedule(recipe.schedule), recipe.sigma_data)
     elif recipe.precond != "none":
@@ -75,7 +75,7 @@ def _load_shipped(name: str, device):
     import json
 
     from .checkpoints import resolve
-    from .generate import load_model_folder
+    from .zoo import load_model_folder
 
     m = load_model_folder(name, device=device or "cpu")
     path = resolve(name)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .diffusion import Sample, alpha_bar_at, check_timesteps, ddpm, model_eps
+from .diffusion import Sample, alpha_bar_at, check_timesteps, model_eps
 from .schedules import Schedule
 
 CLEAN = -1.0  # the time "after" t = 0: alpha_bar = 1, sigma = 0, lambda = +inf
@@ -229,23 +229,7 @@ def dpm_solver_pp(model, x, schedule: Schedule, timesteps, *, cond=None, generat
     return Sample(x, nfe=eps_fn.nfe, trajectory=traj)
 
 
-# ---- registry and NFE budgets --------------------------------------------------------------------
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm_solver": dpm_solver, "dpm_solver_pp": dpm_solver_pp}
-
-
-def get_sampler(name: str):
-    """The sampler function registered under ``name`` (see ``SAMPLERS``)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name]
-
-
-def nfe_per_step(sampler, **kwargs) -> int:
-    """Model evaluations one step of ``sampler`` (a function or a name) costs with these keyword arguments."""
-    sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    return kwargs.get("order", 2) if sampler is dpm_solver else 1
-
-
+# ---- the solver grid ---------------------------------------------------------------------------------
 def spaced_timesteps(schedule: Schedule, n: int, spacing: str = "lambda", t_max: float | None = None,
                      t_min: float = 0.0) -> torch.Tensor:
     """``n`` >= 2 decreasing times from t_max (default T-1) to t_min, both included (float64): a solver's grid.
@@ -261,28 +245,3 @@ def spaced_timesteps(schedule: Schedule, n: int, spacing: str = "lambda", t_max:
     if spacing not in ("linspace", "lambda"):
         raise ValueError(f"unknown spacing {spacing!r}; choose lambda, linspace, leading or trailing")
     return schedule.timesteps(n, spacing, t_max=t_max, t_min=t_min)
-
-
-def timesteps_for_nfe(schedule: Schedule, nfe: int, sampler="ddim", *, spacing: str = "lambda",
-                      denoise_to_zero: bool = True, t_min: float = 0.0, **kwargs) -> torch.Tensor:
-    """The most timesteps whose run of ``sampler`` (with ``kwargs``) costs at most ``nfe`` evaluations.
-
-    k = NFE per step; with denoise_to_zero the run costs k (N - 1) + 1 for N timesteps, else k (N - 1).
-    """
-    k = nfe_per_step(sampler, **kwargs)
-    steps = (nfe - 1) // k if denoise_to_zero else nfe // k
-    if steps < 1:
-        raise ValueError(f"{nfe} NFE is not enough for one step of {k} evaluations plus the final denoising")
-    return spaced_timesteps(schedule, steps + 1, spacing, t_min=t_min)
-
-
-def teacher_timesteps(schedule: Schedule, sampler: str, steps: int) -> tuple[torch.Tensor, dict]:
-    """The grid a teacher sampler runs for ``steps`` network evaluations, used by ``minisd`` and ``generate``:
-    diffusers' trailing timesteps plus the final step to clean data (NFE = steps); DPM-Solver-2 costs 2 NFE per
-    step, so it gets (steps - 1) // 2 + 1 timesteps."""
-    kw = {}
-    n = steps
-    if sampler == "dpm_solver":
-        kw["order"] = 2
-        n = max(1, (steps - 1) // 2 + 1)
-    return schedule.timesteps(n, "trailing"), kw

@@ -235,7 +235,7 @@ def train_minisd(out: str | Path | None = None, device: str = "cpu", progress: b
     from .datasets import CIFAR10_CLASSES, cifar10
     from .diffusion import DenoisingLoss
     from .latents import LatentSet, encode
-    from .lcm import TextConditioning
+    from .guidance import TextConditioning
     from .models.sd import (CAPTION_TEMPLATES, assemble_pipeline, build_tokenizer, class_caption_table,
                             encode_prompts, minisd_unet, sd_scheduler, tiny_text_encoder)
     from .schedules import Schedule
@@ -295,7 +295,8 @@ def train_lcm(out: str | Path | None = None, device: str = "cpu", progress: bool
     CIFAR-10 latents with the class captions. Saves the student UNet (fp16) and an LCMScheduler to ``out``."""
     from .datasets import CIFAR10_CLASSES, cifar10
     from .latents import LatentSet
-    from .lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
+    from .guidance import TextConditioning
+    from .lcm import LatentConsistencyDistillation, lcm_student
     from .minisd import MiniSD
     from .models.sd import CAPTION_TEMPLATES, class_caption_table, sd_scheduler
     from .train import TrainConfig, train
@@ -340,7 +341,8 @@ def _sample_metrics(folder: Path, runs: list[tuple[str, int]], n: int, w: float,
     """FD-clf (and class accuracy when conditional) of ``n`` samples per (sampler, steps), when the evaluator
     exists; the numbers ``minilcm bench`` measures in full."""
     from .evaluator import Evaluator
-    from .generate import generate, load_model_folder
+    from .generate import generate
+    from .zoo import load_model_folder
 
     try:
         ev = Evaluator.load(device=device)
@@ -398,7 +400,7 @@ def train_cd(out: str | Path | None = None, device: str = "cpu", progress: bool 
     """Consistency-distil the pixel DDPM teacher (``recipes.cifar_cd_student``: Heun on the N = 18 Karras grid,
     mu = 0.95, pseudo-Huber; the teacher's null-class model, as Song et al. 2023 distil unconditionally) and export
     the student's EMA weights in fp16 as ``cd-cifar10``."""
-    from .generate import load_model_folder
+    from .zoo import load_model_folder
     from .recipes import CD_NAME, CifarCDRecipe, cifar_cd_student
 
     out = export_target(out, CD_NAME, replace_shipped)

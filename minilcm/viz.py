@@ -101,7 +101,7 @@ def error_vs_nfe(rows, key: str = "err_ref", ax=None, fit_min_nfe: int | None = 
     NFE >= fit_min_nfe) is drawn dashed over the whole NFE range and its measured order p is written in the legend.
     Returns {solver: p} (empty without a fit) and the axes.
     """
-    from .bench import convergence_order
+    from .solver_bench import convergence_order
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 4))

@@ -253,7 +253,8 @@ def test_bench_bad_input(case, tiny, tmp_path, capsys):
 # ---- the Python API: named exceptions ------------------------------------------------------------------
 def _api_cases(tiny):
     from minilcm.diffusion import check_timesteps
-    from minilcm.generate import generate, load_model_folder
+    from minilcm.generate import generate
+    from minilcm.zoo import load_model_folder
     from minilcm.lcm import lcm_timesteps
     from minilcm.models import cifar_unet
     from minilcm.schedules import Schedule
@@ -299,7 +300,7 @@ def test_a_half_updated_optimizer_is_named_not_a_keyerror(tmp_path):
     """An older minilcm saved a checkpoint mid-step on Ctrl-C (132 `step` entries, 131 `exp_avg`): resuming says
     what happened and what to do, instead of KeyError: 'exp_avg'."""
     from minilcm.checkpoints import load_checkpoint, save_checkpoint
-    from minilcm.datasets import GaussianMixture
+    from minilcm.toys import GaussianMixture
     from minilcm.diffusion import DenoisingLoss
     from minilcm.models import MLPDenoiser
     from minilcm.schedules import Schedule

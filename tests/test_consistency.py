@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, ConsistencyTraining,
-                                 EDMPrecond, LCMScalings, TeacherRegression, _solve_per_time, cm_sample,
-                                 cm_timesteps, ddim_solver, edm_sigma, ict_discretisation, ict_weight,
-                                 lognormal_index_probs, paired_forward, pseudo_huber)
-from minilcm.datasets import GaussianMixture, OracleEps
+                                 LCMScalings, _solve_per_time, cm_sample, cm_timesteps, ddim_solver,
+                                 ict_discretisation, ict_weight, lognormal_index_probs, paired_forward, pseudo_huber)
+from minilcm.diffusion import TeacherRegression
+from minilcm.preconditioning import edm_sigma, EDMPrecond
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.diffusion import eps_to_x0
 from minilcm.metrics import sliced_wasserstein
 from minilcm.models import MLPDenoiser

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import minilcm.datasets as datasets
-from minilcm.datasets import (CIFAR10_CLASSES, CifarUnavailable, GaussianMixture, OracleEps, cifar10, cifar_source,
-                              swiss_roll, two_moons)
+from minilcm.datasets import CIFAR10_CLASSES, CifarUnavailable, cifar10, cifar_source
+from minilcm.toys import GaussianMixture, OracleEps, swiss_roll, two_moons
 from minilcm.schedules import Schedule
 
 

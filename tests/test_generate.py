@@ -12,7 +12,8 @@ import torch
 from minilcm import checkpoints
 from minilcm.bench import BENCH_PLAN, model_benchmark
 from minilcm.cli import main
-from minilcm.generate import (Generated, balanced_labels, generate, load_model_folder, parse_class, prompt_label)
+from minilcm.generate import Generated, balanced_labels, generate, parse_class, prompt_label
+from minilcm.zoo import load_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

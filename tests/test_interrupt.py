@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r'''
 import sys
 import torch
-from minilcm.datasets import GaussianMixture
+from minilcm.toys import GaussianMixture
 from minilcm.diffusion import DenoisingLoss
 from minilcm.errors import TrainingInterrupted
 from minilcm.models import MLPDenoiser
@@ -109,7 +109,7 @@ def test_a_signal_inside_an_optimizer_step_waits_for_the_step(tmp_path):
     """In-process: a SIGTERM raised from inside the loss (the middle of a step) lets that step finish, saves a
     checkpoint whose optimizer state is complete, and raises TrainingInterrupted with exit code 143."""
     from minilcm.checkpoints import load_checkpoint
-    from minilcm.datasets import GaussianMixture
+    from minilcm.toys import GaussianMixture
     from minilcm.diffusion import DenoisingLoss
     from minilcm.errors import TrainingInterrupted
     from minilcm.models import MLPDenoiser

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilcm.consistency import ConsistencyModel, LCMScalings, l2
-from minilcm.datasets import GaussianMixture, OracleEps
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.diffusion import eps_to_x0, model_eps
-from minilcm.lcm import (ClassConditioning, GuidedEps, LatentConsistencyDistillation, TextConditioning,
-                         guidance_embedding, guided_ddim_step, guided_eps, lcm_sample, lcm_student, lcm_timesteps,
+from minilcm.guidance import ClassConditioning, guided_ddim_step, guided_eps, GuidedEps, TextConditioning
+from minilcm.lcm import (LatentConsistencyDistillation, guidance_embedding, lcm_sample, lcm_student, lcm_timesteps,
                          skipping_timesteps, with_guidance_input)
 from minilcm.metrics import sliced_wasserstein
 from minilcm.models import MLPDenoiser

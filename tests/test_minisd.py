@@ -13,7 +13,7 @@ import torch
 from minilcm.diffusion import DenoisingLoss
 from minilcm.evaluator import ClassifierLoss, EvaluatorNet, augment, feature_stats
 from minilcm.latents import AutoencoderLoss, LatentSet, measure_scaling_factor
-from minilcm.lcm import TextConditioning
+from minilcm.guidance import TextConditioning
 from minilcm.metrics import frechet_distance
 from minilcm.models.sd import build_tokenizer, course_words, minisd_vae, tiny_sd_pipeline
 from minilcm.schedules import Schedule
@@ -152,7 +152,8 @@ def test_recipe_stages_run_end_to_end_and_the_student_reloads_identically(tmp_pa
         args += ["--teacher", str(tmp_path / "sd")] if stage == "lcm" else []
         r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-    from minilcm.minisd import MiniSD, load_lcm_student
+    from minilcm.minisd import MiniSD
+    from minilcm.zoo import load_lcm_student
 
     sd = MiniSD.load(tmp_path / "sd")
     assert sd.latent_shape == (4, 8, 8) and sd.meta["stage"] == "minisd"
@@ -171,7 +172,8 @@ def test_recipe_stages_run_end_to_end_and_the_student_reloads_identically(tmp_pa
 
 def test_missing_checkpoints_name_the_command(tmp_path):
     from minilcm.checkpoints import CheckpointError
-    from minilcm.minisd import MiniSD, load_lcm_student
+    from minilcm.minisd import MiniSD
+    from minilcm.zoo import load_lcm_student
 
     with pytest.raises(CheckpointError, match="minilcm train minisd"):
         MiniSD.load(tmp_path / "nowhere")

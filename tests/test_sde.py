@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minilcm.datasets import GaussianMixture, OracleEps
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.diffusion import q_sample
 from minilcm.metrics import noise_floor, sliced_wasserstein
 from minilcm.schedules import Schedule

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from minilcm.bench import BenchRow, convergence_order, reference_solution, solver_benchmark, table
-from minilcm.datasets import GaussianMixture, OracleEps
+from minilcm.solver_bench import BenchRow, convergence_order, reference_solution, solver_benchmark, table
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.diffusion import ddpm
 from minilcm.schedules import Schedule, broadcast
-from minilcm.solvers import (SAMPLERS, ddim, dpm_solver, dpm_solver_pp, get_sampler, nfe_per_step,
-                             spaced_timesteps, timesteps_for_nfe)
+from minilcm.samplers import SAMPLERS, get_sampler, nfe_per_step, timesteps_for_nfe
+from minilcm.solvers import ddim, dpm_solver, dpm_solver_pp, spaced_timesteps
 
 DIFFUSERS_BETAS = {"linear": {}, "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                                         beta_end=0.012)}
@@ -91,16 +91,16 @@ def test_nfe_budget_is_spent_and_reported(sampler, kw, k):
     for nfe in (7, 10):
         for dz in (True, False):
             ts = timesteps_for_nfe(s, nfe, sampler, denoise_to_zero=dz, **kw)
-            used = get_sampler(sampler)(model, x, s, ts, denoise_to_zero=dz, **kw).nfe
+            used = get_sampler(sampler).fn(model, x, s, ts, denoise_to_zero=dz, **kw).nfe
             assert used == k * (len(ts) - 1) + int(dz)  # k per step, one for the step to clean data
             assert nfe - k < used <= nfe  # the most steps that fit
 
 
 # ---- registry and argument errors -----------------------------------------------------------------
 def test_registry_and_clear_errors():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm_solver", "dpm_solver_pp"}
-    assert get_sampler("dpm_solver_pp") is dpm_solver_pp and get_sampler("ddpm") is ddpm
-    with pytest.raises(ValueError, match="valid names: ddim, ddpm, dpm_solver, dpm_solver_pp"):
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm_solver", "dpm_solver_pp", "cm", "lcm"}
+    assert get_sampler("dpm_solver_pp").fn is dpm_solver_pp and get_sampler("ddpm").fn is ddpm
+    with pytest.raises(ValueError, match="valid: ddpm, ddim, dpm_solver, dpm_solver_pp, cm, lcm"):
         get_sampler("euler")
     s = Schedule("linear")
     model = OracleEps(GaussianMixture(), s)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minilcm.checkpoints import CheckpointError, load_model, save_model
-from minilcm.datasets import GaussianMixture
+from minilcm.toys import GaussianMixture
 from minilcm.diffusion import DenoisingLoss
 from minilcm.models import MLPDenoiser
 from minilcm.schedules import Schedule

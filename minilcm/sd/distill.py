@@ -34,7 +34,8 @@ from torch import nn
 from ..checkpoints import CheckpointError
 from ..errors import InputError, UserError
 from ..consistency import ConsistencyModel, LCMScalings, l2, pseudo_huber
-from ..lcm import LatentConsistencyDistillation, TextConditioning, lcm_student
+from ..guidance import TextConditioning
+from ..lcm import LatentConsistencyDistillation, lcm_student
 from ..schedules import Schedule
 from ..train import TrainConfig, default_device, train
 from .data import LatentCaptions, caption_pairs, check_cache, first_line, load_or_encode, vae_scale_factor

@@ -48,7 +48,8 @@ import torch
 from minilcm import profiles
 from minilcm.datasets import CIFAR10_CLASSES, cifar10
 from minilcm.evaluator import Evaluator
-from minilcm.minisd import MiniSD, load_lcm_student
+from minilcm.minisd import MiniSD
+from minilcm.zoo import load_lcm_student
 from minilcm.profiles import pick
 from minilcm.viz import show_images
 
@@ -125,7 +126,7 @@ print("text states:", tuple(c.shape), "  empty prompt:", tuple(sd.empty.shape))
 # calls, then look at what $w$ does to the teacher's samples.
 
 # %%
-from minilcm.lcm import guided_eps
+from minilcm.guidance import guided_eps
 
 g = torch.Generator().manual_seed(0)
 xt = torch.randn(4, 4, 8, 8, generator=g)
@@ -202,7 +203,8 @@ print("fresh student: same output for w = 0 and w = 3 ->", torch.equal(a, b))
 
 # %%
 from minilcm.latents import LatentSet
-from minilcm.lcm import LatentConsistencyDistillation, TextConditioning
+from minilcm.guidance import TextConditioning
+from minilcm.lcm import LatentConsistencyDistillation
 from minilcm.models.sd import CAPTION_TEMPLATES, class_caption_table
 from minilcm.train import TrainConfig, train
 

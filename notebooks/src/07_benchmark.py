@@ -74,7 +74,8 @@ from minilcm.bench import BENCH_PLAN, HEADLINE, model_benchmark, plot_model_benc
 from minilcm.checkpoints import SHIPPED_DIR
 from minilcm.datasets import CIFAR10_CLASSES
 from minilcm.evaluator import INCEPTION_HELP, Evaluator, inception_weights
-from minilcm.generate import generate, load_model_folder
+from minilcm.generate import generate
+from minilcm.zoo import load_model_folder
 from minilcm.profiles import PROFILE, pick
 from minilcm.viz import image_grid
 
