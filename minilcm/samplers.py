@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .catalog import CONSISTENCY_SAMPLERS, SAMPLER_FAMILIES, SAMPLER_NAMES, TEACHER_SAMPLERS  # noqa: F401
 from .consistency import cm_sample, cm_sampling_times
 from .diffusion import Sample, ddpm
 from .guidance import ClassConditioning, GuidedEps
@@ -73,9 +74,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("lcm", "consistency", lcm_sample, lambda sch, n: (lcm_timesteps(sch, n), {}), 50,
                 "multistep latent consistency sampling (Luo et al. 2023, Algorithm 3), w as an input"),
 )}
-SAMPLER_NAMES = tuple(SAMPLERS)
-TEACHER_SAMPLERS = tuple(n for n, s in SAMPLERS.items() if s.family == "teacher")
-CONSISTENCY_SAMPLERS = tuple(n for n, s in SAMPLERS.items() if s.family == "consistency")
+assert {n: s.family for n, s in SAMPLERS.items()} == SAMPLER_FAMILIES, "catalog.SAMPLER_FAMILIES names every sampler"
 
 
 def get_sampler(name: str) -> SamplerSpec:

@@ -26,7 +26,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from .checkpoints import (CheckpointError, content_hash, is_shipped, load_checkpoint, load_model, load_pretrained,
-                          resolve, resolve_folder)
+                          resolve, resolve_folder, shipped_dir)
+from .catalog import SAMPLING_MODELS, SHIPPED
 from .consistency import CMScalings, ConsistencyModel, LCMScalings
 from .errors import InputError
 from .minisd import LCM_NAME, MiniSD
@@ -35,14 +36,20 @@ from .preconditioning import EDMPrecond
 from .samplers import TEACHER_SAMPLERS
 from .schedules import Schedule
 
-# how to make each shipped checkpoint: named in the error when one is missing
-TRAIN_COMMANDS = {
-    "minisd-cifar10": "`minilcm train autoencoder` then `minilcm train minisd`",
-    "lcm-cifar10": "`minilcm train lcm` (after the mini-SD teacher)",
-    "evaluator-cifar10": "`minilcm train evaluator`",
-    "ddpm-cifar10": "`minilcm train ddpm`",
-    "cd-cifar10": "`minilcm train cd` (after the DDPM teacher)",
-}
+TRAIN_COMMANDS = {name: s.train for name, s in SHIPPED.items()}
+
+
+def missing_shipped(names=None) -> dict[str, str]:
+    """{name: the command that trains it} for each shipped checkpoint (default: all) not complete in
+    ``checkpoints.shipped_dir()``."""
+    names = list(SHIPPED) if names is None else names
+    return {n: SHIPPED[n].train for n in names if not (shipped_dir() / n / SHIPPED[n].marker).exists()}
+
+
+def shipped_meta(name: str, sub: str = "") -> dict:
+    """The ``meta.json`` of a shipped checkpoint (or of its ``sub`` folder, e.g. "vae"); {} when absent."""
+    p = shipped_dir() / name / sub / "meta.json"
+    return json.loads(p.read_text()) if p.exists() else {}
 
 
 @dataclass
@@ -69,8 +76,6 @@ def _resolve(name_or_path) -> Path:
         how = TRAIN_COMMANDS.get(str(name_or_path))
         raise CheckpointError(f"{e} Make it with {how}." if how else str(e)) from None
 
-
-SAMPLING_MODELS = ("minisd-cifar10", "lcm-cifar10", "ddpm-cifar10", "cd-cifar10")
 
 
 def model_kind(path: Path) -> str:

@@ -170,13 +170,13 @@ def test_sample_overwrites_only_with_force_and_leaves_no_partial_file(tiny, tmp_
     first = out.read_bytes()
     assert main([*args, "--seed", "1", "--force"]) == 0 and out.read_bytes() != first
     # a failure while writing (disk full) leaves neither a partial .npz nor a .png
-    import minilcm.cli as cli
+    import minilcm.commands as commands
 
     def full_disk(images, path):
         Path(path).write_bytes(b"\x89PNG half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "_write_grid", full_disk)
+    monkeypatch.setattr(commands, "_write_grid", full_disk)
     out2 = tmp_path / "t.npz"
     rc, err = run_cli(capsys, [*args[:-3], "--out", str(out2), "--quiet"])
     assert_clear(rc, err, "No space left on device")
