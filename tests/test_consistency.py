@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, ConsistencyTraining,
-                                 LCMScalings, _solve_per_time, cm_sample, cm_timesteps, ddim_solver,
-                                 ict_discretisation, ict_weight, lognormal_index_probs, paired_forward, pseudo_huber)
+from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, LCMScalings, _solve_per_time,
+                                 cm_sample, cm_timesteps, ddim_solver, paired_forward, pseudo_huber)
+from minilcm.ict import ConsistencyTraining, ict_discretisation, ict_weight, lognormal_index_probs
 from minilcm.diffusion import TeacherRegression
 from minilcm.preconditioning import edm_sigma, EDMPrecond
 from minilcm.toys import GaussianMixture, OracleEps
