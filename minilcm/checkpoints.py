@@ -8,8 +8,10 @@ save leaves the previous checkpoint or the new one, never a mismatched pair.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -202,8 +204,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".npz")
 def content_hash(folder) -> str:
     """sha256 of every weight file below ``folder`` (relative names and bytes; configs and metadata left out, so
     re-writing a meta.json does not change it): which teacher a student was distilled from."""
-    import hashlib
-
     folder = Path(folder)
     h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
@@ -265,8 +265,6 @@ class staged_folder:
         self.out, self.keep = Path(out), keep
 
     def __enter__(self) -> Path:
-        import shutil
-
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.partial")
         for stale in self.out.parent.glob(f".{self.out.name}.*.partial"):  # left by a killed export
@@ -278,8 +276,6 @@ class staged_folder:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        import shutil
-
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
@@ -327,7 +323,7 @@ def resolve_folder(name_or_path, marker: str, how: str) -> Path:
 def load_pretrained(cls, path: Path, what: str, **kw):
     """diffusers' ``from_pretrained`` with its failures (a truncated safetensors, a config of another width, a
     missing file) as one-line CheckpointErrors instead of 40-line tracebacks."""
-    from diffusers.utils import logging as dlog
+    from diffusers.utils import logging as dlog  # diffusers only where a diffusers folder is loaded
 
     try:
         from transformers.utils import logging as tlog

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .datasets import CIFAR10_CLASSES, to_uint8
 from .errors import InputError
@@ -177,8 +178,6 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
     g = torch.Generator().manual_seed(seed)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         n_batches_total = -(-n // batch)
         bar = tqdm(total=n_batches_total * steps, desc=f"sample {n} ({sampler}, {steps} steps)", unit="NFE",
                    leave=False, mininterval=1.0)

@@ -28,6 +28,7 @@ from .consistency import (ConsistencyModel, LCMScalings, cm_sample, keep_out_of_
                           pseudo_huber)
 from .diffusion import Sample, q_sample
 from .guidance import ClassConditioning, guided_ddim_step
+from .models.mlp import MLPDenoiser
 from .schedules import Schedule, whole_number
 from .train import ema_update
 
@@ -71,8 +72,6 @@ def with_guidance_input(teacher: nn.Module, w_dim: int) -> nn.Module:
     script initialises that layer at random). A teacher that already has a guidance input is deep-copied.
     Works for ``MLPDenoiser`` and for diffusers models with ``time_cond_proj_dim`` (``UNet2DConditionModel``).
     """
-    from .models.mlp import MLPDenoiser
-
     if guidance_dim(teacher) is not None:
         return copy.deepcopy(teacher)
     if isinstance(teacher, MLPDenoiser):

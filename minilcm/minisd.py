@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from .checkpoints import load_pretrained, resolve_folder
 from .datasets import CIFAR10_CLASSES
@@ -45,8 +46,6 @@ class MiniSD:
     @classmethod
     def load(cls, name_or_path=MINISD_NAME, device="cpu") -> "MiniSD":
         """Load a StableDiffusionPipeline folder (a shipped name or a path), offline."""
-        from diffusers import StableDiffusionPipeline
-
         path = resolve_folder(name_or_path, "model_index.json",
                               "train it with `minilcm train autoencoder` then `minilcm train minisd`")
         pipe = load_pretrained(StableDiffusionPipeline, path, "mini-SD pipeline", dtype=torch.float32,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers import UNet2DModel
 from torch import nn
 
 # name -> (block_out_channels, layers_per_block, attention at the 2nd resolution)
@@ -46,8 +47,6 @@ class EpsUNet(nn.Module):
 
 def cifar_unet(size: str = "tiny", num_classes: int | None = None, dropout: float = 0.0) -> EpsUNet:
     """A ``diffusers.UNet2DModel`` for (B, 3, 32, 32) images; class-conditional when ``num_classes`` is set."""
-    from diffusers import UNet2DModel
-
     if size not in UNET_SIZES:
         raise ValueError(f"unknown UNet size {size!r}; choose one of {list(UNET_SIZES)}")
     channels, layers, attn = UNET_SIZES[size]
