@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 STATE, CONFIG = "state.safetensors", "config.json"
 META_KEY = "minilcm_config"  # the JSON metadata, inside the safetensors header
@@ -95,12 +95,8 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"the checkpoint in {path} is unreadable ({type(e).__name__}: {_first_line(e)}); "
+        raise CheckpointError(f"the checkpoint in {path} is unreadable ({one_line(e, 200, with_type=True)}); "
                               "delete the folder to start afresh") from e
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def prefixed(sd: dict, prefix: str) -> dict:
@@ -335,7 +331,7 @@ def load_pretrained(cls, path: Path, what: str, **kw):
     try:
         return cls.from_pretrained(str(path), **kw)
     except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        msg = one_line(e, 1000)
         if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e) or "shape" in msg:
             msg = "its weights do not fit its config.json (a config of another size?)"
         raise CheckpointError(f"the {what} in {path} cannot be loaded ({type(e).__name__}: {msg[:160]}); "

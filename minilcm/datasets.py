@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"  # the offline JPEG archive (ImageFolder layout: train/<class>/*.jpg, test/...)
@@ -85,13 +85,6 @@ def _fix(first: str = "") -> str:
     places = _archive_places()
     where = f", or put the archive at {places[-1]}" if places else ""
     return f"fix: {first}set MINILCM_CIFAR=/path/to/{ARCHIVE_NAME} (or its extracted folder){where}"
-
-
-def _why(e: BaseException) -> str:
-    """An exception as one short line."""
-    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "").rstrip(":")
-    text = text if len(text) <= 120 else text[:117] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 @dataclass
@@ -171,7 +164,7 @@ def _load_imagefolder(src: Path):
         raise
     except Exception as e:  # tarfile.TarError, EOFError, zlib.error, OSError, PIL.UnidentifiedImageError, ...
         what = "the folder {} could not be read" if src.is_dir() else "the archive {} is corrupt or truncated"
-        raise CifarUnavailable(f"{what.format(src)} ({_why(e)})\n{_fix('copy or download it again, then ')}") from e
+        raise CifarUnavailable(f"{what.format(src)} ({one_line(e, 120, with_type=True)})\n{_fix('copy or download it again, then ')}") from e
 
 
 def _cache_dir() -> Path:
@@ -193,7 +186,7 @@ def _read_cache(path: Path):
                 and labels.ndim == 1 and len(labels) == len(images) and len(images) > 0):
             raise ValueError(f"unexpected arrays {images.dtype}{images.shape}, {labels.dtype}{labels.shape}")
     except Exception as e:  # truncated zip, bad pickle, missing key, wrong shapes: decode again
-        warnings.warn(f"ignoring the unreadable CIFAR-10 cache {path} ({_why(e)}); rebuilding it", stacklevel=3)
+        warnings.warn(f"ignoring the unreadable CIFAR-10 cache {path} ({one_line(e, 120, with_type=True)}); rebuilding it", stacklevel=3)
         path.unlink(missing_ok=True)
         return None
     return torch.from_numpy(images), torch.from_numpy(labels).long()
@@ -212,7 +205,7 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        warnings.warn(f"could not write the CIFAR-10 cache {path} ({_why(e)}); "
+        warnings.warn(f"could not write the CIFAR-10 cache {path} ({one_line(e, 120, with_type=True)}); "
                       "set MINILCM_CACHE to a writable folder", stacklevel=3)
     finally:
         if tmp is not None:
@@ -227,10 +220,10 @@ def _official(split: str, root: Path, download: bool, found: bool) -> ImageSet:
         ds = CIFAR10(str(root), train=(split == "train"), download=download)
     except Exception as e:  # offline, not downloaded and download=False, or a damaged copy
         if found:
-            why = f"the official CIFAR-10 release in {root} is damaged ({_why(e)})"
+            why = f"the official CIFAR-10 release in {root} is damaged ({one_line(e, 120, with_type=True)})"
         else:
             looked = " or ".join(str(p) for p in _archive_places())
-            how = f"download failed: {_why(e)}" if download else "download=False"
+            how = f"download failed: {one_line(e, 120, with_type=True)}" if download else "download=False"
             why = ("CIFAR-10 not found: MINILCM_CIFAR is unset, " + (f"no archive at {looked}, " if looked else "")
                    + f"no official release in {root} ({how})")
         raise CifarUnavailable(f"{why}\n{_fix()}, or run once online (torchvision downloads it into {root})") from e

@@ -42,6 +42,16 @@ def debug() -> bool:
     return os.environ.get("MINILCM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def one_line(e: BaseException, width: int = 160, with_type: bool = False) -> str:
+    """An exception as one line: its first non-empty line, cut to ``width`` characters ("..." marks a cut),
+    prefixed with the exception's class when ``with_type``; the class name alone when the message is empty."""
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "").rstrip(":")
+    text = text if len(text) <= width else text[:width - 3] + "..."
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}" if with_type else text
+
+
 def short(e: BaseException, max_lines: int = 3) -> str:
     """An exception's message, at most ``max_lines`` lines (the rest is what --debug shows)."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]

@@ -29,7 +29,7 @@ from .checkpoints import (CheckpointError, content_hash, is_shipped, load_checkp
                           resolve, resolve_folder, shipped_dir)
 from .catalog import SAMPLING_MODELS, SHIPPED
 from .consistency import CMScalings, ConsistencyModel, LCMScalings
-from .errors import InputError
+from .errors import InputError, one_line
 from .minisd import LCM_NAME, MiniSD
 from .models import EpsUNet
 from .preconditioning import EDMPrecond
@@ -117,7 +117,7 @@ def _build(cfg: dict, path: Path, build):
     try:
         return build(cfg)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        what = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:160]
+        what = f"missing {e}" if isinstance(e, KeyError) else one_line(e, 160)
         raise CheckpointError(f"the model config in {path / 'config.json'} cannot be built ({what}); re-export the "
                               "model with the recipe (`minilcm train ...`) or use another folder") from e
 
