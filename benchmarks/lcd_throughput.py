@@ -3,9 +3,10 @@
     python benchmarks/lcd_throughput.py                  # GPU: SD v1.5 shapes, batch 16, bf16 -> benchmarks/results/
     python benchmarks/lcd_throughput.py --tiny           # CPU smoke test: tiny shapes, fp32, writes runs/bench/
 
-Setup (one run, same process, variants one after the other): random-init UNet2DConditionModel with SD v1.5's
-shape (block_out_channels 320/640/1280/1280, cross_attention_dim 768, 860M parameters), 64x64x4 latents
-(512 px images), 77x768 text states, batch 16, bf16 autocast, AdamW, grad-clip 1, EMA target (mu 0.95), l2 loss.
+Setup (one run, same process, variants one after the other): random-init networks of SD v1.5's shapes
+(minilcm.models.sd.sd15_shaped: a UNet2DConditionModel with block_out_channels 320/640/1280/1280,
+cross_attention_dim 768, 860M parameters), 64x64x4 latents (512 px images), 77x768 text states, batch 16,
+bf16 autocast, AdamW, grad-clip 1, EMA target (mu 0.95), l2 loss.
 
 ours       ``minilcm.train.train`` + ``minilcm.lcm.LatentConsistencyDistillation`` on cached latents and text states:
            teacher cond/uncond in ONE fused call, teacher weights in bf16, no VAE or text encoder per step,
@@ -36,9 +37,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minilcm.guidance import TextConditioning
-from minilcm.lcm import LatentConsistencyDistillation, lcm_student  # noqa: E402
 from minilcm.consistency import l2  # noqa: E402
+from minilcm.guidance import TextConditioning  # noqa: E402
+from minilcm.lcm import LatentConsistencyDistillation, lcm_student  # noqa: E402
+from minilcm.models.sd import build_tokenizer, minisd_unet, minisd_vae, sd15_shaped, tiny_text_encoder  # noqa: E402
 from minilcm.schedules import Schedule  # noqa: E402
 from minilcm.sd.data import LatentCaptions  # noqa: E402
 from minilcm.train import TrainConfig, train  # noqa: E402
@@ -49,11 +51,6 @@ K, W_MIN, W_MAX, MU, W_DIM, LR = 20, 5.0, 15.0, 0.95, 256, 1e-6  # the reference
 # ---- the models (random init) ------------------------------------------------------------------------
 def build_parts(tiny: bool, seed: int = 0):
     """UNet config, VAE, text encoder, tokenizer and shapes: SD v1.5's, or tiny ones for a CPU smoke test."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from minilcm.models.sd import build_tokenizer, minisd_unet, minisd_vae, tiny_text_encoder
-
     torch.manual_seed(seed)
     if tiny:
         tok = build_tokenizer(max_length=16)
@@ -61,15 +58,8 @@ def build_parts(tiny: bool, seed: int = 0):
         vae, te, res = minisd_vae("tiny"), tiny_text_encoder(tok, hidden=32), 32
     else:
         tok = build_tokenizer(max_length=77)  # offline; SD's vocabulary is larger, the 77x768 states are the same
-        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # SD v1.5's shape (860M)
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
-                            scaling_factor=0.18215)
-        te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                          hidden_act="quick_gelu", bos_token_id=tok.bos_token_id,
-                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-        res = 512
+        parts = sd15_shaped("cpu", tokenizer=tok)  # SD v1.5's shapes (860M-parameter UNet), random weights
+        unet, vae, te, res = parts["unet"], parts["vae"], parts["text_encoder"], 512
     return unet, vae, te.eval(), tok, res
 
 

@@ -255,9 +255,9 @@ def test_cli_parses_and_runs(teacher, data, tmp_path, capsys):
 
 def test_cli_prints_the_result_on_the_main_process_only(monkeypatch, capsys):
     from minilcm.sd import cli as sd_cli
-    from minilcm.sd.distill import DistillResult
+    from minilcm.sd.training import DistillResult
 
-    distill_module = sys.modules["minilcm.sd.distill"]
+    distill_module = sys.modules["minilcm.sd.training"]
     for main in (False, True):
         r = DistillResult(Path("out/lora"), [0.5], 1, 0.1, 0, torch.nn.Identity(), is_main=main)
         monkeypatch.setattr(distill_module, "distill", lambda *a, _r=r, **k: _r)
@@ -535,7 +535,7 @@ def test_sd_distill_mistakes_are_one_short_message(case, teacher, data, tmp_path
 
 
 def test_a_failure_inside_training_leaves_no_out_folder(teacher, data, tmp_path, monkeypatch):
-    distill_module = sys.modules["minilcm.sd.distill"]
+    distill_module = sys.modules["minilcm.sd.training"]
 
     def broken(*args, **kwargs):
         raise ValueError("a failure before the first step")
@@ -551,7 +551,7 @@ def test_processes_that_accelerate_does_not_join_are_an_error(monkeypatch):
     unjoined: each would act as rank 0 (same seed, N logs, a race on the checkpoint). distill refuses that."""
     import accelerate
 
-    distill_module = sys.modules["minilcm.sd.distill"]
+    distill_module = sys.modules["minilcm.sd.training"]
     made = []
 
     class Unjoined:

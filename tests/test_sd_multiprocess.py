@@ -29,7 +29,7 @@ WRAPPER = '''
 import importlib, os, sys
 import torch
 
-D = importlib.import_module("minilcm.sd.distill")  # the module (minilcm.sd.distill is also the function's name)
+D = importlib.import_module("minilcm.sd.training")  # the module of distill()
 _distill = D.distill
 
 

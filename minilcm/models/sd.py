@@ -6,6 +6,7 @@ AutoencoderKL and a UNet2DConditionModel, at any size from "tiny" (tests) to the
     minisd_vae(size)                 AutoencoderKL with f = 4: (B, 3, 32, 32) <-> (B, 4, 8, 8)
     minisd_unet(size, ...)           UNet2DConditionModel on 4-channel latents with cross-attention
     tiny_sd_pipeline(folder)         all of the above (tiny) + a scheduler, saved as a StableDiffusionPipeline folder
+    sd15_shaped(device="meta")       SD v1.5's UNet, VAE and text encoder: its shapes, random (or no) weights
     CAPTION_TEMPLATES, caption(c)    the course's captions of a CIFAR-10 class ("a photo of a cat")
 
 Stable Diffusion v1.5 is the same family at scale: f = 8 (64x64x4 latents for 512 px), a 123M-parameter CLIP
@@ -169,3 +170,35 @@ def tiny_sd_pipeline(folder: str | Path | None = None, seed: int = 0, time_cond_
     if folder is not None:
         pipe.save_pretrained(str(folder))
     return pipe
+
+
+# SD v1.5's shapes (the configs in stable-diffusion-v1-5/stable-diffusion-v1-5): diffusers' UNet2DConditionModel
+# defaults are SD v1.x's blocks (widths 320/640/1280/1280, two layers each, 8 heads)
+SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
+SD15_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512, scaling_factor=0.18215)
+SD15_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")  # ViT-L/14
+
+
+def sd15_shaped(device="meta", tokenizer=None) -> dict:
+    """{"unet", "vae", "text_encoder"}: Stable Diffusion v1.5's networks with random weights, built on ``device``
+    ("meta": shapes only, no storage; count parameters and FLOPs of the 860M-parameter UNet in milliseconds).
+
+    The UNet2DConditionModel has block widths 320/640/1280/1280 and cross-attends to 768-wide states of 64x64x4
+    latents; the AutoencoderKL has f = 8 (512 px <-> 64x64); the CLIP ViT-L/14 text encoder gives 77 x 768 states.
+    ``tokenizer`` (e.g. ``build_tokenizer(max_length=77)``, offline) sizes the text encoder's vocabulary and
+    special tokens to it (SD's own: 49408 tokens). The networks are built in that order (unet, vae, text
+    encoder), so one seed fixes all three; ``minilcm.lcm.lcm_student`` adds the LCM w-embedding input to the UNet."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = dict(SD15_TEXT_ENCODER)
+    if tokenizer is not None:
+        text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text)).eval()
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import atomic_write
 from ..errors import UserError
+from ..models.sd import encode_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption", "prompt")
@@ -154,13 +156,10 @@ def load_image(image, resolution: int) -> torch.Tensor:
     return TF.to_tensor(img) * 2 - 1
 
 
-@torch.no_grad()
 def text_states(pipe, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states (N, L, D), prompts padded to the tokenizer's length (77 in SD)."""
-    tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
+    """``minilcm.models.sd.encode_prompts`` with a pipeline's tokenizer and text encoder, on the CPU: the last hidden
+    states (N, L, D), prompts padded to the tokenizer's length (77 in SD)."""
+    return encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts).cpu()
 
 
 @dataclass
@@ -181,8 +180,6 @@ class LatentCaptions:
 
     def save(self, path):
         from safetensors.torch import save_file
-
-        from ..checkpoints import atomic_write
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(Path(path), lambda tmp: save_file({"latents": self.latents.contiguous(),
