@@ -14,6 +14,7 @@ import sys
 
 from .catalog import SAMPLER_NAMES, SAMPLING_MODELS, STAGE_NAMES
 from .errors import TrainingInterrupted, UserError, debug, short
+from .sd.cli import register as register_sd_distill
 
 
 USER_ERRORS = (UserError, ValueError, OSError, ImportError)
@@ -97,8 +98,6 @@ def main(argv=None) -> int:
                    "32x32 UNets are slow on a CPU)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn="bench")
-    from .sd.cli import register as register_sd_distill
-
     register_sd_distill(sub)  # minilcm sd-distill (Chapter 6)
     args = p.parse_args(argv)
     try:

@@ -4,37 +4,45 @@
 ``ddpm-cifar10`` when it exists, else a model trained here for as many steps as the profile allows
 (resuming from ``runs/cifar-ddpm-<size>-<steps>`` when an earlier run of the same recipe left one there).
 ``cifar_cd_student()`` distils it into the Chapter 4 consistency model (``cd-cifar10`` once shipped).
+Their sizes per profile are rows of ``profiles.SIZES``: the dataclass defaults are the full (gpu) stage rows,
+the fallbacks trained here when nothing is shipped are the rows "cifar_teacher" and "cifar_cd_student".
 """
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
-from .checkpoints import available
+from .checkpoints import available, resolve
+from .consistency import CMScalings, ConsistencyDistillation, ConsistencyModel, ddim_solver, l2, pseudo_huber
 from .datasets import cifar10
 from .diffusion import DenoisingLoss
 from .models import cifar_unet
-from .profiles import pick
+from .preconditioning import EDMPrecond
+from .profiles import SIZES, sizes
 from .schedules import Schedule
+from .sde import heun_step
 from .train import TrainConfig, train
+from .zoo import load_model_folder
 
 TEACHER_NAME = "ddpm-cifar10"
+_DDPM, _CD = SIZES["ddpm"]["gpu"], SIZES["cd"]["gpu"]  # the full recipe: the defaults below
 
 
 @dataclass
 class CifarTeacherRecipe:
-    size: str = "base"          # UNet size (see minilcm.models.UNET_SIZES)
+    size: str = _DDPM["size"]   # UNet size (see minilcm.models.UNET_SIZES)
     num_classes: int = 10       # class-conditional, label 10 = null class for classifier-free guidance
     cond_drop: float = 0.1
-    steps: int = 40_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 1000
-    ema_decay: float = 0.9999
+    steps: int = _DDPM["steps"]
+    batch_size: int = _DDPM["batch_size"]
+    lr: float = _DDPM["lr"]
+    warmup_steps: int = _DDPM["warmup_steps"]
+    ema_decay: float = _DDPM["ema_decay"]
     schedule: str = "linear"
-    lr_decay: str = "none"      # "none" or "cosine" (TrainConfig.lr_decay)
+    lr_decay: str = _DDPM["lr_decay"]  # "none" or "cosine" (TrainConfig.lr_decay)
     amp: bool = True            # bf16 autocast on CUDA, and on CPU too (AMX: the tiny UNet trains 1.6x faster)
-    # EDM preconditioning (consistency.EDMPrecond) trained with the SNR+1 (= v-prediction) weighting. A plain
+    # EDM preconditioning (preconditioning.EDMPrecond) trained with the SNR+1 (= v-prediction) weighting. A plain
     # eps-UNet's x0-estimate multiplies its error by sigma_t / alpha_t (156 at t = 999): a briefly trained one
     # drifts to saturated colour fields under every sampler (measured: x0-estimate error std 6.9 at t = 999 after
     # 2,100 CPU steps); the preconditioned net's x0-estimate has unit scale at every t.
@@ -48,15 +56,10 @@ def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool
     """(model, info): the EMA teacher in eval mode, and where it came from (shipped or trained here)."""
     if use_shipped and TEACHER_NAME in available():
         return _load_shipped(TEACHER_NAME, device)
-    recipe = recipe or CifarTeacherRecipe(
-        size=pick(fast="tiny", cpu="tiny", gpu="base"), steps=pick(fast=20, cpu=200, gpu=20_000),
-        batch_size=pick(fast=32, cpu=64, gpu=128), lr=pick(fast=1e-3, cpu=1e-3, gpu=2e-4),
-        warmup_steps=pick(fast=0, cpu=50, gpu=1000), ema_decay=pick(fast=0.9, cpu=0.995, gpu=0.9999))
+    recipe = recipe or CifarTeacherRecipe(**sizes("cifar_teacher"))
     ckpt_dir = ckpt_dir or f"runs/cifar-ddpm-{recipe.size}-{recipe.steps}"  # resumes only the same recipe
     model = cifar_unet(recipe.size, num_classes=recipe.num_classes)
     if recipe.precond == "edm":
-        from .preconditioning import EDMPrecond
-
         model = EDMPrecond(model, Schedule(recipe.schedule), recipe.sigma_data)
     elif recipe.precond != "none":
         raise ValueError(f"precond must be 'edm' or 'none', got {recipe.precond!r}")
@@ -72,11 +75,6 @@ def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool
 
 def _load_shipped(name: str, device):
     """(model, info) of a shipped pixel checkpoint, whatever its wrapper (EpsUNet, EDMPrecond, ConsistencyModel)."""
-    import json
-
-    from .checkpoints import resolve
-    from .zoo import load_model_folder
-
     m = load_model_folder(name, device=device or "cpu")
     path = resolve(name)
     meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
@@ -98,12 +96,12 @@ class CifarCDRecipe:
     solver: str = "heun"             # "heun" (sde.heun_step, 2 NFE) or "ddim" (consistency.ddim_solver, 1 NFE)
     distance: str = "pseudo_huber"   # or "l2"
     sigma_data: float = 0.5
-    times_per_batch: int | None = 8  # distinct grid indices per batch (teacher calls per step); None: one per row
-    steps: int = 100_000
-    batch_size: int = 256
-    lr: float = 4e-4
+    times_per_batch: int | None = _CD["times_per_batch"]  # grid indices (teacher calls) per batch; None: per row
+    steps: int = 100_000             # longer than any profile: the stage and the notebook pass their row's steps
+    batch_size: int = _CD["batch_size"]
+    lr: float = _CD["lr"]
     warmup_steps: int = 0
-    ema_decay: float = 0.9999
+    ema_decay: float = _CD["ema_decay"]
     amp: bool = False  # no bf16: x0 = (x - sigma eps) / alpha multiplies eps's rounding by 158 at t = 999
 
 
@@ -116,16 +114,10 @@ def cifar_cd_student(recipe: CifarCDRecipe | None = None, *, teacher=None, use_s
     ``cifar_teacher()``'s (a run resumes only the same recipe from the same teacher); a teacher passed in is
     distilled without checkpoints unless ``ckpt_dir`` is given.
     """
-    from .consistency import CMScalings, ConsistencyDistillation, ConsistencyModel, ddim_solver, l2, pseudo_huber
-    from .sde import heun_step
-
     schedule = Schedule(CifarTeacherRecipe().schedule)
     if use_shipped and CD_NAME in available():
         return _load_shipped(CD_NAME, device)
-    recipe = recipe or CifarCDRecipe(
-        steps=pick(fast=4, cpu=40, gpu=20_000), batch_size=pick(fast=8, cpu=32, gpu=256),
-        times_per_batch=pick(fast=2, cpu=4, gpu=8), lr=pick(fast=1e-4, cpu=1e-4, gpu=4e-4),
-        ema_decay=pick(fast=0.9, cpu=0.99, gpu=0.9999))
+    recipe = recipe or CifarCDRecipe(**sizes("cifar_cd_student"))
     if teacher is None:
         teacher, t_info = cifar_teacher(device=device, progress=progress)
         tag = "shipped" if t_info["source"] == "shipped" else f"{t_info['size']}-{t_info['steps']}"

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,9 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import TrainingInterrupted
 from .checkpoints import (CheckpointError, load_checkpoint, load_into, model_config, prefixed, save_checkpoint,
                           unprefixed)
+from .errors import TrainingInterrupted
+from .interrupts import StopRequest
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -141,179 +140,178 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
     create it with mixed_precision="no" (autocast is this loop's, from ``cfg.amp``/``amp_dtype``)."""
     if cfg.amp_dtype not in ("bf16", "fp16"):
         raise ValueError(f"amp_dtype must be 'bf16' or 'fp16', got {cfg.amp_dtype!r}")
-    acc = accelerator
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    main = rank == 0
-    device = acc.device if acc is not None else torch.device(cfg.device) if cfg.device else default_device()
-    model.to(device).train()
-    if cfg.keep_ema:
-        ema = (ema if ema is not None else copy.deepcopy(model)).to(device).eval().requires_grad_(False)
-    else:
-        ema = model
-    if isinstance(loss_fn, nn.Module):
-        loss_fn.to(device)
-    opt = make_optimizer(cfg, model.parameters())
-    net = model  # what the loss calls: the model, or its DistributedDataParallel wrapper
-    if acc is not None:
-        net, opt = acc.prepare(model, opt)
-    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)  # one stream per process
-    torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout and anything else that draws from the global generator
-    losses: list[float] = []
-    start = 0
-    ckpt = Path(cfg.ckpt_dir) if cfg.ckpt_dir else None
-
-    use_amp = (cfg.amp and device.type == "cuda") or (cfg.amp_cpu and device.type == "cpu")
-    amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and cfg.amp_dtype == "fp16")
-
-    def save(step):
-        if acc is not None:
-            acc.wait_for_everyone()
-        if ckpt is None or not main:
-            return
-        tensors = {**prefixed(model.state_dict(), "model"), **_optim_tensors(opt),
-                   "rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()}
-        if cfg.keep_ema:
-            tensors.update(prefixed(ema.state_dict(), "ema"))
-        if isinstance(loss_fn, nn.Module):
-            tensors.update(prefixed(loss_fn.state_dict(), "loss"))
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-        meta = {"model_config": model_config(model), "step": step, "losses": losses, "train_config": asdict(cfg),
-                "param_groups": groups, "device": str(device), "torch": torch.__version__}
-        if scaler.is_enabled():
-            meta["scaler"] = scaler.state_dict()
-        save_checkpoint(ckpt, tensors, meta)
-
-    if ckpt is not None and (ckpt / "state.safetensors").exists():
-        tensors, meta = load_checkpoint(ckpt)
-        load_into(model, unprefixed(tensors, "model"), meta.get("model_config"), str(ckpt))
-        if cfg.keep_ema:
-            load_into(ema, unprefixed(tensors, "ema"), meta.get("model_config"), str(ckpt))
-        if isinstance(loss_fn, nn.Module):
-            loss_fn.load_state_dict(unprefixed(tensors, "loss"))
-        # torch's AdamW gives every parameter the same state; bitsandbytes' 8-bit AdamW does not (by tensor size)
-        _load_optim(opt, tensors, meta["param_groups"], ckpt, check=cfg.optimizer == "adamw")
-        gen.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        if scaler.is_enabled() and "scaler" in meta:
-            scaler.load_state_dict(meta["scaler"])
-        start, losses = meta["step"], list(meta["losses"])
-        if start > cfg.steps:
-            raise CheckpointError(f"the checkpoint in {ckpt} is at step {start}, past steps={cfg.steps}; "
-                                  "raise steps or use another folder")
-        if rank > 0:  # the checkpoint holds the main process's streams: give the others their own again
-            gen.manual_seed(cfg.seed + 1_000_003 * rank + start)
-            torch.manual_seed(cfg.seed + 1_000_003 * rank + start)
-
-    log = open(cfg.log_file, "a") if cfg.log_file and main else None
-    t0 = t_last = t_saved = time.perf_counter()
-    stop = _StopRequest(sync=acc if world > 1 else None)
+    run = _Run(model, loss_fn, cfg, ema, accelerator)
+    start = run.resume()
+    log = _StepLog(cfg.log_file, cfg.batch_size * run.world) if cfg.log_file and run.main else None
+    t0 = t_saved = time.perf_counter()
+    if log is not None:
+        log.t_last = t0
+    stop = StopRequest(sync=accelerator if run.world > 1 else None)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
-               disable=not (cfg.progress and main), leave=False, mininterval=2.0)  # few redraws: notebooks stay small
-    done = start
+               disable=not (cfg.progress and run.main), leave=False, mininterval=2.0)  # few redraws: notebooks stay small
     try:
         stop.install()
         for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(cfg, step)
-            batch = _to(data(cfg.batch_size, gen), device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(net, batch, gen)
-            if not torch.isfinite(loss):
-                _nan_stop("loss", loss.item(), step, cfg, ckpt)
-            opt.zero_grad(set_to_none=True)
-            scaled = scaler.scale(loss) if scaler.is_enabled() else loss
-            acc.backward(scaled) if acc is not None else scaled.backward()
-            if scaler.is_enabled():
-                scaler.unscale_(opt)
-            gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            if not torch.isfinite(gnorm) and not scaler.is_enabled():  # with fp16 the scaler skips such steps
-                _nan_stop("gradient norm", gnorm.item(), step, cfg, ckpt)
-            if scaler.is_enabled():
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            if cfg.keep_ema:
-                ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            if hasattr(loss_fn, "after_step"):
-                loss_fn.after_step(model, step)
-            losses.append(loss.item())
+            run.losses.append(run.step(data, step))
             if log is not None:
-                now = time.perf_counter()
-                log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": opt.param_groups[0]["lr"],
-                                      "seconds": round(now - t_last, 6),
-                                      "samples_per_s": round(cfg.batch_size * world / max(now - t_last, 1e-9), 3)})
-                          + "\n")
-                log.flush()
-                t_last = now
+                log.write(step + 1, run.losses[-1], run.opt.param_groups[0]["lr"])
             if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{sum(run.losses[-50:]) / len(run.losses[-50:]):.4f}", refresh=False)
             done = step + 1
-            due = bool(cfg.ckpt_minutes and ckpt is not None and time.perf_counter() - t_saved >= 60 * cfg.ckpt_minutes)
-            signum, due = stop.poll(due)
+            signum, due = stop.poll(run.ckpt is not None and _minutes_due(cfg, t_saved))
             if signum is not None:
-                save(done)  # every completed step is kept (a second signal now stops at once; the write is atomic)
-                raise TrainingInterrupted(done, cfg.steps, signum, saved_to=ckpt)
+                run.save(done)  # every completed step is kept (a second signal now stops at once; the write is atomic)
+                raise TrainingInterrupted(done, cfg.steps, signum, saved_to=run.ckpt)
             if done < cfg.steps and (due or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
-                save(done)
+                run.save(done)
                 t_saved = time.perf_counter()
-        save(cfg.steps)  # still under the handlers: a signal now waits for this save
+        run.save(cfg.steps)  # still under the handlers: a signal now waits for this save
         signum, _ = stop.poll(False)  # agreed by every rank, as in the loop
         if signum is not None:
-            raise TrainingInterrupted(cfg.steps, cfg.steps, signum, saved_to=ckpt)
+            raise TrainingInterrupted(cfg.steps, cfg.steps, signum, saved_to=run.ckpt)
     finally:
         stop.restore()
         bar.close()
         if log is not None:
             log.close()
-    return TrainResult(model, ema, losses, cfg.steps, time.perf_counter() - t0, start)
+    return TrainResult(model, run.ema, run.losses, cfg.steps, time.perf_counter() - t0, start)
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM become a request that the loop honours between steps (so an optimizer step is never cut in
-    half). A second signal raises KeyboardInterrupt at once. Handlers are installed only in the main thread and
-    restored afterwards. With several processes (``sync``: an accelerate.Accelerator) the request, and the
-    wall-clock checkpoint decision, are max-reduced across ranks so every rank stops, or saves, at the same step."""
+def _minutes_due(cfg: TrainConfig, t_saved: float) -> bool:
+    """Whether ``ckpt_minutes`` of wall clock have passed since the last checkpoint."""
+    return bool(cfg.ckpt_minutes and time.perf_counter() - t_saved >= 60 * cfg.ckpt_minutes)
 
-    def __init__(self, sync=None):
-        self.signum, self.sync, self.old = None, sync, {}
 
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
+class _Run:
+    """One training run's state: the model, its EMA copy, the optimizer, the GradScaler and the random streams;
+    ``step`` is one optimizer step, ``save`` / ``resume`` write and read all of it as one checkpoint."""
+
+    def __init__(self, model: nn.Module, loss_fn, cfg: TrainConfig, ema: nn.Module | None, acc):
+        self.model, self.loss_fn, self.cfg, self.acc = model, loss_fn, cfg, acc
+        self.rank, self.world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+        self.main = self.rank == 0
+        self.device = device = (acc.device if acc is not None else torch.device(cfg.device) if cfg.device
+                                else default_device())
+        model.to(device).train()
+        if cfg.keep_ema:
+            self.ema = (ema if ema is not None else copy.deepcopy(model)).to(device).eval().requires_grad_(False)
+        else:
+            self.ema = model
+        if isinstance(loss_fn, nn.Module):
+            loss_fn.to(device)
+        self.opt = make_optimizer(cfg, model.parameters())
+        self.net = model  # what the loss calls: the model, or its DistributedDataParallel wrapper
+        if acc is not None:
+            self.net, self.opt = acc.prepare(model, self.opt)
+        self.gen = torch.Generator()
+        self.seed_streams(0)
+        self.losses: list[float] = []
+        self.ckpt = Path(cfg.ckpt_dir) if cfg.ckpt_dir else None
+        self.use_amp = (cfg.amp and device.type == "cuda") or (cfg.amp_cpu and device.type == "cpu")
+        self.amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and cfg.amp_dtype == "fp16")
+
+    def seed_streams(self, offset: int) -> None:
+        """One random stream per process: the batch generator, and the global generator (dropout and anything
+        else that draws from it)."""
+        seed = self.cfg.seed + 1_000_003 * self.rank + offset
+        self.gen.manual_seed(seed)
+        torch.manual_seed(seed)
+
+    def step(self, data, step: int) -> float:
+        """One optimizer step at learning_rate(step); the NaN guard stops before a non-finite update."""
+        cfg, opt, scaler = self.cfg, self.opt, self.scaler
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(cfg, step)
+        batch = _to(data(cfg.batch_size, self.gen), self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            loss = self.loss_fn(self.net, batch, self.gen)
+        if not torch.isfinite(loss):
+            _nan_stop("loss", loss.item(), step, cfg, self.ckpt)
+        opt.zero_grad(set_to_none=True)
+        scaled = scaler.scale(loss) if scaler.is_enabled() else loss
+        self.acc.backward(scaled) if self.acc is not None else scaled.backward()
+        if scaler.is_enabled():
+            scaler.unscale_(opt)
+        gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        if not torch.isfinite(gnorm) and not scaler.is_enabled():  # with fp16 the scaler skips such steps
+            _nan_stop("gradient norm", gnorm.item(), step, cfg, self.ckpt)
+        if scaler.is_enabled():
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if cfg.keep_ema:
+            ema_update(self.ema, self.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if hasattr(self.loss_fn, "after_step"):
+            self.loss_fn.after_step(self.model, step)
+        return loss.item()
+
+    def save(self, step: int) -> None:
+        """Checkpoint everything a resumed run needs to continue bit for bit (the main process writes it)."""
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+        if self.ckpt is None or not self.main:
             return
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[s] = signal.signal(s, self._handler)
-            except (ValueError, OSError):
-                pass
+        tensors = {**prefixed(self.model.state_dict(), "model"), **_optim_tensors(self.opt),
+                   "rng.generator": self.gen.get_state(), "rng.torch": torch.get_rng_state()}
+        if self.cfg.keep_ema:
+            tensors.update(prefixed(self.ema.state_dict(), "ema"))
+        if isinstance(self.loss_fn, nn.Module):
+            tensors.update(prefixed(self.loss_fn.state_dict(), "loss"))
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
+        meta = {"model_config": model_config(self.model), "step": step, "losses": self.losses,
+                "train_config": asdict(self.cfg), "param_groups": groups, "device": str(self.device),
+                "torch": torch.__version__}
+        if self.scaler.is_enabled():
+            meta["scaler"] = self.scaler.state_dict()
+        save_checkpoint(self.ckpt, tensors, meta)
 
-    def _handler(self, signum, frame):
-        if self.signum is not None:
-            self.restore()
-            raise KeyboardInterrupt
-        self.signum = signum
+    def resume(self) -> int:
+        """Load the checkpoint in ``ckpt_dir`` when there is one; the step to continue from (0: a fresh run)."""
+        ckpt, cfg = self.ckpt, self.cfg
+        if ckpt is None or not (ckpt / "state.safetensors").exists():
+            return 0
+        tensors, meta = load_checkpoint(ckpt)
+        load_into(self.model, unprefixed(tensors, "model"), meta.get("model_config"), str(ckpt))
+        if cfg.keep_ema:
+            load_into(self.ema, unprefixed(tensors, "ema"), meta.get("model_config"), str(ckpt))
+        if isinstance(self.loss_fn, nn.Module):
+            self.loss_fn.load_state_dict(unprefixed(tensors, "loss"))
+        # torch's AdamW gives every parameter the same state; bitsandbytes' 8-bit AdamW does not (by tensor size)
+        _load_optim(self.opt, tensors, meta["param_groups"], ckpt, check=cfg.optimizer == "adamw")
+        self.gen.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if self.scaler.is_enabled() and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
+        start, self.losses = meta["step"], list(meta["losses"])
+        if start > cfg.steps:
+            raise CheckpointError(f"the checkpoint in {ckpt} is at step {start}, past steps={cfg.steps}; "
+                                  "raise steps or use another folder")
+        if self.rank > 0:  # the checkpoint holds the main process's streams: give the others their own again
+            self.seed_streams(start)
+        return start
 
-    def restore(self):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        self.old = {}
 
-    def poll(self, due: bool):
-        """(signal number or None, whether a checkpoint is due), agreed by every rank."""
-        if self.sync is None:
-            return self.signum, due
-        import torch.distributed as dist
+class _StepLog:
+    """The JSONL log: one line per step with its loss, learning rate, seconds and samples per second."""
 
-        t = torch.tensor([self.signum or 0, int(due)], device=self.sync.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        signum = int(t[0])
-        return (signum or None), bool(t[1])
+    def __init__(self, path: str, samples_per_step: int):
+        self.f, self.samples, self.t_last = open(path, "a"), samples_per_step, time.perf_counter()
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        self.f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(now - self.t_last, 6),
+                                 "samples_per_s": round(self.samples / max(now - self.t_last, 1e-9), 3)}) + "\n")
+        self.f.flush()
+        self.t_last = now
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
