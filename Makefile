@@ -17,7 +17,7 @@ export MINILCM_PROFILE
 # JupyterLab refuses to start as root (containers, classroom VMs) unless told it may
 ALLOW_ROOT  := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: demo test test-fast lab clean
+.PHONY: demo test test-fast lab notebooks clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ test-fast: $(VENV)/.installed
 
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/ $(ALLOW_ROOT) $(ARGS)
+
+# The notebooks are edited as jupytext percent sources, notebooks/src/NN_name.py; this writes each into its
+# notebooks/NN_name.ipynb, keeping the outputs of every cell whose code is unchanged (jupytext --update).
+# tests/test_notebook_sources.py fails while a source and its notebook differ. It executes nothing.
+notebooks: | $(VENV)/.installed
+	for src in notebooks/src/*.py; do \
+	  $(PY) -m jupytext --to ipynb --update -o notebooks/$$(basename $$src .py).ipynb $$src || exit 1; \
+	done
 
 clean:
 	rm -rf runs data/cache .pytest_cache

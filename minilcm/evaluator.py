@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoints import CheckpointError, load_checkpoint, load_model, resolve
 from .datasets import to_float
+from .metrics import frechet_distance
 
 EVALUATOR_NAME = "evaluator-cifar10"
 REFERENCE_STATS = "cifar10-test-stats.npz"   # inside the evaluator's checkpoint folder
@@ -137,8 +139,6 @@ class Evaluator:
 
     @classmethod
     def load(cls, name_or_path=EVALUATOR_NAME, device="cpu") -> "Evaluator":
-        from .checkpoints import CheckpointError, load_checkpoint, load_model, resolve
-
         path = resolve(name_or_path)
         cfg = load_checkpoint(path)[1]["model_config"]
         net = EvaluatorNet(cfg["widths"], cfg["num_classes"])
@@ -155,13 +155,19 @@ class Evaluator:
 
     def fd(self, images: torch.Tensor) -> float:
         """FD-clf of the images against the CIFAR-10 test set."""
-        from .metrics import frechet_distance
-
         return frechet_distance(*self.stats(images), self.ref_mu, self.ref_sigma)
 
     def class_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """The fraction of images the classifier assigns to their requested class (conditional samples)."""
         return accuracy(self.net, images, labels)
+
+
+@torch.no_grad()
+def sampler_fd(ev: Evaluator, sample, noise: torch.Tensor, batch: int = 250) -> float:
+    """FD-clf of the images ``sample(z)`` draws from ``noise`` (N, ...), ``batch`` noises at a time, each batch
+    clamped to [-1, 1]: how to measure a sampler held in the notebook (a shipped model folder has ``generate`` and
+    ``minilcm bench``). Use thousands of noises: the Fréchet distance is biased upward at small N."""
+    return ev.fd(torch.cat([sample(z).float().clamp(-1, 1).cpu() for z in noise.split(batch)]))
 
 
 # ---- Inception-v3, when its weights are on disk --------------------------------------------------------

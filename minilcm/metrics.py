@@ -1,12 +1,13 @@
 """Distances between sample sets.
 
-2-D: the sliced Wasserstein-2 distance (Rabin et al. 2011; Bonneel et al. 2015) and an RBF-kernel MMD
-(Gretton et al. 2012). Both are 0 for identical distributions; for two independent sets of n samples
+2-D: the sliced Wasserstein-2 distance (Rabin et al. 2011; Bonneel et al. 2015). It is 0 for identical
+distributions; for two independent sets of n samples
 from the *same* distribution they sit at a noise floor that shrinks like 1/sqrt(n), so compare against
 that floor (``noise_floor``) rather than against 0.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -28,20 +29,6 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 512, seed
     return ((pa - pb) ** 2).mean().sqrt().item()
 
 
-def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.1, 0.3, 1.0)) -> float:
-    """Unbiased squared MMD with a sum of RBF kernels exp(-|x-y|^2 / (2 h^2))."""
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-
-    def k(x, y):
-        d2 = torch.cdist(x, y) ** 2
-        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
-
-    n, m = len(a), len(b)
-    kaa, kbb = k(a, a), k(b, b)
-    return ((kaa.sum() - kaa.diag().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diag().sum()) / (m * (m - 1))
-            - 2 * k(a, b).mean()).item()
-
-
 def noise_floor(sampler, n: int, metric=sliced_wasserstein, seed: int = 123) -> float:
     """The metric between two independent draws of n points from ``sampler(n, generator)``."""
     g = torch.Generator().manual_seed(seed)
@@ -59,8 +46,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     The trace of the matrix square root is computed from the eigenvalues of the symmetric PSD matrix
     Sigma1^1/2 Sigma2 Sigma1^1/2, which is stabler than scipy's sqrtm of the non-symmetric Sigma1 Sigma2.
     """
-    import numpy as np
-
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
@@ -71,3 +56,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
     d2 = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     return float(max(d2, 0.0))
+
+
+def power_law_order(nfe, err) -> float:
+    """The empirical order p in err ~ C NFE^-p: minus the least-squares slope of log err against log NFE."""
+    x, y = np.log(np.asarray(nfe, np.float64)), np.log(np.asarray(err, np.float64))
+    if x.size < 2:
+        raise ValueError("need at least two (nfe, err) points to fit a slope")
+    xc = x - x.mean()
+    return float(-(xc * (y - y.mean())).sum() / (xc * xc).sum())

@@ -10,14 +10,13 @@ The benchmark of the shipped CIFAR-10 models (``minilcm bench``) is ``minilcm.be
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .metrics import sliced_wasserstein
+from .metrics import power_law_order, sliced_wasserstein
 from .schedules import Schedule
 from .samplers import get_sampler, timesteps_for_nfe
 
@@ -102,10 +101,7 @@ def convergence_order(rows: list[BenchRow], solver: str, min_nfe: int = 0, key: 
     pts = [(r.nfe, getattr(r, key)) for r in rows if r.solver == solver and r.nfe >= min_nfe]
     if len(pts) < 2:
         raise ValueError(f"need at least two rows of {solver!r} with nfe >= {min_nfe} to fit a slope")
-    x = torch.tensor([math.log(n) for n, _ in pts], dtype=torch.float64)
-    y = torch.tensor([math.log(e) for _, e in pts], dtype=torch.float64)
-    xc = x - x.mean()
-    return -((xc * (y - y.mean())).sum() / (xc * xc).sum()).item()
+    return power_law_order(*zip(*pts))
 
 
 def table(rows: list[BenchRow]) -> str:

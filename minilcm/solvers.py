@@ -245,3 +245,9 @@ def spaced_timesteps(schedule: Schedule, n: int, spacing: str = "lambda", t_max:
     if spacing not in ("linspace", "lambda"):
         raise ValueError(f"unknown spacing {spacing!r}; choose lambda, linspace, leading or trailing")
     return schedule.timesteps(n, spacing, t_max=t_max, t_min=t_min)
+
+
+def alpha_sigma_lam(schedule: Schedule, t) -> tuple[float, float, float]:
+    """(alpha_t, sigma_t, lambda_t) at a (possibly continuous) timestep t, as float64 numbers: the coefficients every
+    DPM-Solver step reads (lambda_t = log(alpha_t / sigma_t)); t = CLEAN (-1) gives (1, 0, inf)."""
+    return _alpha_sigma_lam(schedule, float(t))

@@ -8,6 +8,8 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 import numpy as np
 import torch
 
+from .metrics import power_law_order
+
 
 def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     """(B, C, H, W) floats in [-1, 1] (or uint8) -> one (H', W', C) uint8 array tiled nrow per row."""
@@ -46,7 +48,12 @@ def density_contours(ax, log_prob, lim=3.0, n=200, levels=8, **kw):
 
 
 def scatter_2d(x, ax=None, labels=None, title=None, log_prob=None, lim=3.0, s=2, **kw):
-    """2-D points (coloured by label if given), over density contours if ``log_prob`` is given."""
+    """2-D points (coloured by label if given), over density contours if ``log_prob`` is given.
+
+    The points are rasterised (``rasterized=True`` unless given): thousands of markers stay one bitmap when the
+    figure is saved as PDF or SVG; in notebooks, ``minilcm.notebook.setup`` keeps the embedded figures small.
+    """
+    kw.setdefault("rasterized", True)
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
     if log_prob is not None:
@@ -97,12 +104,11 @@ def loss_curve(losses, ax=None, smooth: int = 50, title="training loss"):
 def error_vs_nfe(rows, key: str = "err_ref", ax=None, fit_min_nfe: int | None = None, title=None):
     """Log-log plot of a benchmark's ``key`` against NFE, one line per solver (``minilcm.bench`` rows).
 
-    With ``fit_min_nfe`` each solver's fitted power law err ~ NFE^-p (``bench.convergence_order`` over
-    NFE >= fit_min_nfe) is drawn dashed over the whole NFE range and its measured order p is written in the legend.
+    With ``fit_min_nfe`` each solver's fitted power law err ~ NFE^-p (``metrics.power_law_order``, the fit
+    of ``solver_bench.convergence_order``, over NFE >= fit_min_nfe) is drawn dashed over the whole NFE range and its
+    measured order p is written in the legend.
     Returns {solver: p} (empty without a fit) and the axes.
     """
-    from .solver_bench import convergence_order
-
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 4))
     orders = {}
@@ -111,8 +117,8 @@ def error_vs_nfe(rows, key: str = "err_ref", ax=None, fit_min_nfe: int | None = 
         nfe, err = np.array(pts, dtype=float).T
         label = name
         if fit_min_nfe is not None and (nfe >= fit_min_nfe).sum() >= 2:
-            p = orders[name] = convergence_order(rows, name, min_nfe=fit_min_nfe, key=key)
             tail = nfe >= fit_min_nfe
+            p = orders[name] = power_law_order(nfe[tail], err[tail])
             c = np.exp(np.mean(np.log(err[tail]) + p * np.log(nfe[tail])))  # least-squares intercept
             ax.plot(nfe, c * nfe ** -p, "--", color=f"C{i}", lw=1.2, alpha=0.7, zorder=3)  # extended to all NFE
             label = f"{name}: slope -{p:.2f}"

@@ -12,7 +12,7 @@ from minilcm.diffusion import q_sample
 from minilcm.metrics import noise_floor, sliced_wasserstein
 from minilcm.schedules import Schedule
 from minilcm.sde import (diffusion_coef, drift_coef, euler_step, forward_sde, heun_step, pf_ode, pf_ode_encode,
-                         pf_ode_velocity, reverse_sde)
+                         pf_ode_rk4, pf_ode_velocity, reverse_sde, rk4_step)
 
 S = Schedule("linear")
 GM = GaussianMixture()
@@ -254,3 +254,30 @@ def test_convergence_orders():
         fit = -((logN - logN.mean()) * (logE - logE.mean())).sum() / ((logN - logN.mean()) ** 2).sum()
         assert abs(fit.item() - order) < 0.3, (method, errs, fit)
         assert all(abs(s - order) < 0.3 for s in slopes), (method, slopes)
+
+
+def test_pf_ode_rk4_is_fourth_order_against_the_closed_form():
+    """``sde.pf_ode_rk4`` (the reference solver of Chapter 2) on one Gaussian, whose PF-ODE flow is affine and exact:
+    the error falls 9-12x per halving of the step at 20-80 steps (measured orders 3.61 and 3.19: well above Heun's 2,
+    though not the textbook 4 on this discrete schedule's continuous-time interpolation), and NFE = 4 per step."""
+    mu, c = torch.tensor([0.7, -0.4], dtype=torch.float64), 0.3
+    gauss = GaussianMixture(means=mu[None], covs=(c ** 2 * torch.eye(2, dtype=torch.float64))[None])
+    oracle = OracleEps(gauss, S)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s = lambda t: (S.alpha_bar(t) * c ** 2 + S.sigma(t) ** 2).sqrt()  # noqa: E731
+    x0 = S.alpha(0) * mu + s(0) / s(999) * (x_T - S.alpha(999) * mu)
+    errs = []
+    for n in (20, 40, 80):
+        out = pf_ode_rk4(oracle, x_T, S, S.timesteps(n + 1, "lambda"))
+        assert out.nfe == 4 * n
+        errs.append((out.x - x0).abs().max().item())
+    orders = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+    assert all(3.0 < p < 4.6 for p in orders) and errs[-1] < 2e-6, (errs, orders)
+    # one step equals the textbook RK4 written out here
+    t, u = 500.0, 480.0
+    h = u - t
+    k1 = pf_ode_velocity(oracle, x_T, S, t)
+    k2 = pf_ode_velocity(oracle, x_T + h / 2 * k1, S, t + h / 2)
+    k3 = pf_ode_velocity(oracle, x_T + h / 2 * k2, S, t + h / 2)
+    k4 = pf_ode_velocity(oracle, x_T + h * k3, S, u)
+    assert torch.equal(rk4_step(oracle, x_T, S, t, u), x_T + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4))

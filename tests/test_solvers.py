@@ -254,3 +254,21 @@ def test_convergence_order_fits_a_power_law():
     assert math.isclose(convergence_order(rows, "x"), 2.5, rel_tol=1e-9)
     with pytest.raises(ValueError, match="at least two"):
         convergence_order(rows, "x", min_nfe=32)
+
+
+def test_alpha_sigma_lam_and_power_law_order():
+    """The coefficients a DPM-Solver step reads, and the slope fit behind every measured order."""
+    from minilcm.metrics import power_law_order
+    from minilcm.solvers import CLEAN, alpha_sigma_lam
+
+    s = Schedule("linear")
+    for t in (0.0, 312.5, 999.0):
+        a, sg, lam = alpha_sigma_lam(s, t)
+        tt = torch.tensor(t, dtype=torch.float64)
+        assert math.isclose(a, s.alpha(tt).item(), rel_tol=1e-12) and math.isclose(sg, s.sigma(tt).item(), rel_tol=1e-12)
+        assert math.isclose(lam, math.log(a / sg), rel_tol=1e-12, abs_tol=1e-12)
+    assert alpha_sigma_lam(s, CLEAN) == (1.0, 0.0, math.inf)
+    nfe = [5, 10, 20, 40]
+    assert math.isclose(power_law_order(nfe, [3.0 * n ** -2.5 for n in nfe]), 2.5, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="two"):
+        power_law_order([5], [1.0])

@@ -36,19 +36,18 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-import minilcm
+from minilcm.notebook import setup  # first: it silences tqdm's import-time warning
 from minilcm.datasets import cifar10
-from minilcm.toys import GaussianMixture
 from minilcm.diffusion import DenoisingLoss, ddpm, q_sample
 from minilcm.metrics import sliced_wasserstein
 from minilcm.models import MLPDenoiser
-from minilcm.profiles import PROFILE, pick
+from minilcm.profiles import pick
 from minilcm.schedules import Schedule
+from minilcm.toys import GaussianMixture
 from minilcm.train import TrainConfig, train
 from minilcm.viz import loss_curve, scatter_2d, show_images, trajectories
 
-print("profile:", PROFILE)
-torch.manual_seed(0)
+PROFILE = setup()  # threads, warning filters, seed 0, compact figures; returns the profile
 T0 = time.perf_counter()
 
 # %% [markdown]
@@ -265,7 +264,7 @@ assert accuracy > 0.9
 # steps (colour blobs) and you can check that the loss falls.
 #
 # **One engineering detail that matters.** The teacher is not a bare eps-network: it is wrapped in EDM's
-# preconditioning (`minilcm.consistency.EDMPrecond`, Karras et al. 2022) and trained with the SNR+1 weighting, which is
+# preconditioning (`minilcm.preconditioning.EDMPrecond`, Karras et al. 2022) and trained with the SNR+1 weighting, which is
 # the v-prediction loss (`DenoisingLoss(weighting="snr+1")`). Why: the x0-estimate of an eps-model,
 # $(x_t - \sigma_t \hat\epsilon)/\alpha_t$, multiplies the network's error by $\sigma_t/\alpha_t$, which is 156 at $t = 999$ of
 # the linear schedule. A bare eps-UNet trained for 2,100 CPU steps had an x0-estimate error of standard deviation 6.9 at

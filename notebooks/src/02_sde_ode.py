@@ -37,23 +37,22 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from minilcm.toys import GaussianMixture, OracleEps
+from minilcm.notebook import setup  # first: it silences tqdm's import-time warning
 from minilcm.diffusion import DenoisingLoss, q_sample
 from minilcm.metrics import noise_floor, sliced_wasserstein
 from minilcm.models import MLPDenoiser
-from minilcm.profiles import PROFILE, pick
+from minilcm.profiles import pick
 from minilcm.schedules import Schedule
 from minilcm.sde import (diffusion_coef, drift_coef, euler_step, forward_sde, heun_step, pf_ode, pf_ode_encode,
-                         pf_ode_velocity, reverse_sde)
+                         pf_ode_rk4, pf_ode_velocity, reverse_sde)
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.train import TrainConfig, train
 from minilcm.viz import density_contours, scatter_2d, show_images, trajectories
 
-print("profile:", PROFILE)
-torch.manual_seed(0)
-T0 = time.perf_counter()
 # Every tensor here is small (2-D points, a few 32x32 images): one thread avoids the threading overhead, which on a
 # busy machine can make such small operations 50x slower.
-torch.set_num_threads(1)
+PROFILE = setup(threads=1)  # also: warning filters, seed 0, compact figures
+T0 = time.perf_counter()
 
 # %% [markdown]
 # ## 1. From 1000 steps to continuous time: the VP-SDE
@@ -286,43 +285,28 @@ assert torch.equal(x_probe + (450.0 - 500.0) * pf_ode_velocity(oracle, x_probe, 
 # %% [markdown]
 # **Measuring the order.** Halve the step size repeatedly and watch the error to the exact solution: it should fall
 # by $2^1$ per halving for Euler and $2^2$ for Heun, i.e. slopes $-1$ and $-2$ on a log-log plot. The error is the
-# root-mean-square distance over 32 paths to the "exact" end points, computed by classical 4th-order Runge–Kutta with 400
-# steps (it agrees with 200 RK4 steps to below $10^{-6}$, far under anything measured here). RMS rather than the worst
-# path: a single path that passes close to a saddle between two blobs can need more steps before its error settles into
-# the asymptotic rate.
+# root-mean-square distance over 32 paths to the "exact" end points, computed by classical 4th-order Runge–Kutta
+# (`minilcm.sde.pf_ode_rk4`) with 400 steps; it agrees with 200 RK4 steps to below $10^{-6}$, far under anything
+# measured here. RMS rather than the worst path: a single path that passes close to a saddle between two blobs can
+# need more steps before its error settles into the asymptotic rate.
 #
 # The **spacing** of the steps matters. The linear schedule spends over a third of its log-SNR range in the first 10%
 # of $t$ ($\lambda$ falls from 4.6 to 1.1 on $t \in [0, 100]$), where the blobs sharpen. Steps *uniform in $t$* are long
-# there; steps *uniform in $\lambda$* put the work where the solution changes. We measure both.
+# there; steps *uniform in $\lambda$* put the work where the solution changes. We measure both:
+# `schedule.timesteps(N + 1, "lambda")` and `schedule.timesteps(N + 1, "linspace")` are the two N-step grids from
+# 999 to 0 (any N: unlike the integer grids, the continuous spacings are not capped at the schedule's 1000 steps).
 
 # %%
 def lambda_grid(n_steps):
-    """n_steps + 1 times from 999 to 0, uniform in lambda (any n_steps; Schedule.timesteps caps n at T)."""
-    lam = torch.linspace(schedule.lam(torch.tensor(999.0)).item(), schedule.lam(torch.tensor(0.0)).item(), n_steps + 1,
-                         dtype=torch.float64)
-    ts = schedule.t_of_lam(lam)
-    ts[0], ts[-1] = 999.0, 0.0
-    return ts
-
-
-def rk4(model, x, ts):
-    ts = ts.tolist()
-    for t, s in zip(ts, ts[1:]):
-        h = s - t
-        k1 = pf_ode_velocity(model, x, schedule, t)
-        k2 = pf_ode_velocity(model, x + h / 2 * k1, schedule, t + h / 2)
-        k3 = pf_ode_velocity(model, x + h / 2 * k2, schedule, t + h / 2)
-        k4 = pf_ode_velocity(model, x + h * k3, schedule, s)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    return schedule.timesteps(n_steps + 1, "lambda")  # n_steps + 1 times from 999 to 0, uniform in lambda
 
 
 x_T32 = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-reference = rk4(oracle, x_T32, lambda_grid(400))
-assert (rk4(oracle, x_T32, lambda_grid(200)) - reference).norm(dim=1).max() < 1e-6  # the reference has converged
+reference = pf_ode_rk4(oracle, x_T32, schedule, lambda_grid(400)).x  # classical RK4: 4 NFE per step
+assert (pf_ode_rk4(oracle, x_T32, schedule, lambda_grid(200)).x - reference).norm(dim=1).max() < 1e-6  # converged
 
 Ns = pick(fast=[25, 50, 100, 200], cpu=[25, 50, 100, 200, 400])
-spacings = {"uniform in lambda": lambda_grid, "uniform in t": lambda N: torch.linspace(999, 0, N + 1, dtype=torch.float64)}
+spacings = {"uniform in lambda": lambda_grid, "uniform in t": lambda N: schedule.timesteps(N + 1, "linspace")}
 errors, orders = {}, {}
 for sp, make in spacings.items():
     for method in ("euler", "heun"):

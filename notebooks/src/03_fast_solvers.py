@@ -35,27 +35,23 @@
 import itertools
 import math
 import time
-import warnings
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # no ipywidgets: tqdm draws text progress bars
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from minilcm.solver_bench import reference_solution, rms, solver_benchmark, table
-from minilcm.toys import GaussianMixture, OracleEps
+from minilcm.notebook import setup  # first: it silences tqdm's import-time warning
 from minilcm.metrics import noise_floor
-from minilcm.profiles import PROFILE, pick
+from minilcm.profiles import pick
 from minilcm.recipes import cifar_teacher
 from minilcm.schedules import Schedule
 from minilcm.sde import pf_ode
-from minilcm.solvers import ddim, ddim_step, dpm_solver, dpm_solver_pp, spaced_timesteps
+from minilcm.solver_bench import DEFAULT_SOLVERS, reference_solution, rms, solver_benchmark, table
+from minilcm.solvers import alpha_sigma_lam, ddim, ddim_step, dpm_solver, dpm_solver_pp, spaced_timesteps
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.viz import error_vs_nfe, image_grid, scatter_2d
 
-print("profile:", PROFILE)
-if PROFILE == "fast":
-    torch.set_num_threads(1)  # CI: the 2-D tensors are tiny and the cores are shared; one thread is fastest
-torch.manual_seed(0)
+PROFILE = setup()  # one thread in the fast profile (CI's shared cores), warning filters, seed 0, compact figures
 T0 = time.perf_counter()
 schedule = Schedule("linear")
 
@@ -163,18 +159,13 @@ mixture = GaussianMixture()  # 8 Gaussians on a ring, 4 classes
 oracle = OracleEps(mixture, schedule)  # the exact eps(x, t) = -sigma_t * score
 
 
-def coef(u):
-    """(alpha_u, sigma_u, lambda_u) at a (possibly continuous) timestep u."""
-    u = torch.tensor(float(u), dtype=torch.float64)
-    return schedule.alpha(u).item(), schedule.sigma(u).item(), schedule.lam(u).item()
-
-
 def my_dpm_solver_2_step(x, s, t):
     """DPM-Solver-2 (Algorithm 1) from s to t < s, with the oracle as eps-model."""
-    (a_s, _, lam_s), (a_t, sg_t, lam_t) = coef(s), coef(t)
+    # alpha_sigma_lam(schedule, u) = (alpha_u, sigma_u, lambda_u) at a (possibly continuous) timestep u, as floats
+    (a_s, _, lam_s), (a_t, sg_t, lam_t) = alpha_sigma_lam(schedule, s), alpha_sigma_lam(schedule, t)
     h = lam_t - lam_s
     s1 = schedule.t_of_lam(lam_s + h / 2).item()  # the midpoint in lambda, as a timestep
-    a_s1, sg_s1, _ = coef(s1)
+    a_s1, sg_s1, _ = alpha_sigma_lam(schedule, s1)
     eps_s = oracle(x, torch.full((len(x),), float(s)))
     u = a_s1 / a_s * x - sg_s1 * math.expm1(h / 2) * eps_s
     return a_t / a_s * x - sg_t * math.expm1(h) * oracle(u, torch.full((len(x),), s1))
@@ -212,15 +203,12 @@ print("my DPM-Solver-2 step == minilcm.solvers.dpm_solver(order=2);  DDIM == DPM
 # On the mixture, the oracle makes the ODE exact, so the distance to a converged solution from the same noise is pure
 # solver error. We integrate from $t = 999$ to $t_{\min} = 50$ ($\sigma \approx 0.17$) in steps uniform in $\lambda$,
 # without the final jump to clean data, so the measured slopes are those of the ODE solvers alone (`denoise_to_zero=False`).
-# The reference is DPM-Solver-3 with many more steps.
+# The reference is DPM-Solver-3 with many more steps. The four solvers are the benchmark's defaults,
+# `minilcm.solver_bench.DEFAULT_SOLVERS`: {label: (sampler name in `minilcm.samplers`, keyword arguments)}.
 
 # %%
-SOLVERS = {
-    "DDIM": ("ddim", {}),
-    "DPM-Solver-2": ("dpm_solver", {"order": 2}),
-    "DPM-Solver-3": ("dpm_solver", {"order": 3}),
-    "DPM-Solver++(2M)": ("dpm_solver_pp", {}),
-}
+SOLVERS = DEFAULT_SOLVERS
+print(SOLVERS)
 T_MIN = 50.0
 n_points = pick(fast=200, cpu=1000)
 x_T = torch.randn(n_points, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -27,40 +27,38 @@
 # 4. **One- and multistep sampling** against DDIM at the same number of function evaluations (NFE).
 # 5. **CD in pixel space** on CIFAR-10, from the Chapter 1 teacher.
 #
-# Everything lives in `minilcm.consistency`; the CIFAR recipe in `minilcm.recipes.cifar_cd_student`.
+# The consistency function, CD and sampling live in `minilcm.consistency`, consistency training (iCT) in `minilcm.ict`;
+# the CIFAR recipe in `minilcm.recipes.cifar_cd_student`.
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI), `cpu` (a laptop, a few minutes), `gpu`.
 
 # %%
 import copy
 import time
-import warnings
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # no ipywidgets: tqdm draws text progress bars
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, ConsistencyTraining,
-                                 LCMScalings, cm_sample, cm_timesteps, ict_discretisation, ict_weight,
-                                 lognormal_index_probs)
-from minilcm.diffusion import TeacherRegression
-from minilcm.preconditioning import edm_sigma, EDMPrecond
-from minilcm.toys import GaussianMixture, OracleEps
-from minilcm.diffusion import eps_to_x0
+from minilcm.notebook import setup  # first: it silences tqdm's import-time warning
+from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, LCMScalings, cm_sample,
+                                 cm_sampling_times, cm_timesteps)
+from minilcm.diffusion import TeacherRegression, eps_to_x0
+from minilcm.ict import ConsistencyTraining, ict_discretisation, ict_weight, lognormal_index_probs
 from minilcm.metrics import noise_floor, sliced_wasserstein
 from minilcm.models import MLPDenoiser
-from minilcm.profiles import PROFILE, pick
+from minilcm.preconditioning import EDMPrecond, edm_sigma
+from minilcm.profiles import pick
 from minilcm.recipes import cifar_cd_student, cifar_teacher
+from minilcm.samplers import run_sampler
 from minilcm.schedules import Schedule
 from minilcm.sde import heun_step, pf_ode
 from minilcm.solvers import ddim, spaced_timesteps
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.train import TrainConfig, train
 from minilcm.viz import image_grid, scatter_2d
 
-print("profile:", PROFILE)
 N_THREADS = torch.get_num_threads()
-torch.set_num_threads(1)  # the 2-D tensors are tiny: one thread is fastest (restored for CIFAR, except in CI)
-torch.manual_seed(0)
+PROFILE = setup(threads=1)  # the 2-D tensors are tiny: one thread is fastest (restored for CIFAR, except in CI)
 T0 = time.perf_counter()
 sch = Schedule("linear")
 mix = GaussianMixture()
@@ -82,8 +80,9 @@ oracle = OracleEps(mix, sch)  # the exact eps-model of the mixture: eps(x, t) = 
 # $$f_\theta(x_t, t) = c_\text{skip}(t)\, x_t + c_\text{out}(t)\, F_\theta(x_t, t),\qquad
 #   c_\text{skip}(t_\min) = 1,\ c_\text{out}(t_\min) = 0 .$$
 #
-# `minilcm` keeps one convention for networks, $\epsilon_\theta(x_t, t)$ (DESIGN.md), so $F_\theta$ is built from
-# an eps-model and **a student can start as a copy of its teacher**. Two choices of $(c_\text{skip}, c_\text{out})$:
+# `minilcm` keeps one convention for networks, $\epsilon_\theta(x_t, t)$ (docs/architecture.md), so $F_\theta$ is
+# built from an eps-model and **a student can start as a copy of its teacher**. Two choices of
+# $(c_\text{skip}, c_\text{out})$:
 #
 # * **CM form** (Song et al. 2023, App. C), written with the EDM noise level $s = \sigma_t/\alpha_t$ of VP time $t$
 #   (Chapter 3's $\sigma/\alpha$): $c_\text{skip} = \frac{\sigma_d^2}{(s - s_\min)^2 + \sigma_d^2}$,
@@ -285,15 +284,20 @@ print(f"CT: {CT_STEPS} steps in {time.process_time() - c0:.1f} s of CPU")
 #
 # Sampling (Song et al. 2023, Algorithm 1) is one evaluation, $x_0 = f(x_T, T)$; for more quality, **re-noise**
 # to a smaller time and apply $f$ again: $x_\tau = \alpha_\tau x_0 + \sigma_\tau z$, $x_0 \leftarrow f(x_\tau, \tau)$.
-# `cm_sample` follows the one sampler signature; its NFE is the number of timesteps. We take the intermediate
-# times on the training grid (a network with a sinusoidal time embedding is most accurate at the times it was
-# trained on) and compare with DDIM on the **exact** oracle at the same NFE. Distances are the sliced Wasserstein
-# distance to fresh data; two independent data sets of the same size sit at the noise floor printed below.
+# `cm_sample` follows the one sampler signature; its NFE is the number of timesteps. Which times? The package has
+# one rule, `minilcm.consistency.cm_sampling_times(schedule, steps)`: `steps` times read evenly (in the index) from
+# CD's $N = 18$ Karras grid, noisiest first — on the training grid, because a network with a sinusoidal time
+# embedding is most accurate at the times it was trained on, and evenly, so that each re-noising covers the same
+# number of CD intervals. It is the rule of the `cm` sampler (`minilcm.samplers.run_sampler("cm", ...)`) and so of
+# the cm@k rows of `minilcm bench` (Chapter 7). We compare with DDIM on the **exact** oracle at the same NFE.
+# Distances are the sliced Wasserstein distance to fresh data; two independent data sets of the same size sit at the
+# noise floor printed below.
 
 # %%
 n_eval = pick(fast=2000, cpu=4000)
-g = cd_loss.timesteps.tolist()
-CM_TIMES = {1: [999.0], 2: [999.0, g[5]], 4: [999.0, g[11], g[7], g[4]]}
+CM_TIMES = {nfe: cm_sampling_times(sch, nfe) for nfe in (1, 2, 4)}  # on cd_loss.timesteps, the N = 18 grid
+assert all(t in cd_loss.timesteps.tolist() for times in CM_TIMES.values() for t in times)
+print("sampling times:", {nfe: [round(t) for t in times] for nfe, times in CM_TIMES.items()})
 x_T = torch.randn(n_eval, 2, generator=torch.Generator().manual_seed(1))
 refs = [mix.sample(n_eval, torch.Generator().manual_seed(s))[0] for s in (2, 3)]
 
@@ -337,10 +341,11 @@ for nfe in CM_TIMES:
 # * In the committed run (cpu profile), CD is the sharper model. CT, which never saw a teacher, draws the ring but
 #   blurs the blobs: its targets are one-sample estimates of the teacher's step, and a few thousand steps do not
 #   average them out.
-# * A second step — re-noise to $t \approx 190$ ($s \approx 0.7$; iCT re-noises to $s = 0.821$ for its two-step
-#   samples) and apply $f$ again — sharpens CD's blobs: from there $f$ only has to finish the job, and the fresh
-#   noise washes out most of the first step's error. Beyond two steps little changes here; what remains is $f$'s own
-#   error at the smaller times.
+# * A second step — re-noise to the middle of the grid, $t \approx 593$ ($s \approx 5.9$), and apply $f$ again —
+#   sharpens CD's blobs (0.056 → 0.050 in the committed run): the fresh noise washes out part of the first step's
+#   error. Four steps ($t$ = 999, 864, 593, 190) sharpen them further (0.039), because the last re-noising is to a
+#   small noise level from which $f$ only has to finish the job. (iCT's two-step samples re-noise that low at once,
+#   to $s = 0.821$; the package's rule spends its steps evenly along the grid instead.)
 # * The re-noising noise must be independent of $x_T$. Drawing it from a generator seeded like $x_T$'s re-injects the
 #   same $z$: $x_\tau$ is then no sample of $p_\tau$, and (we did it once by accident) the two-step ring comes out
 #   visibly too large.
@@ -393,14 +398,13 @@ print(f"student: {s_info['source']}, {s_info.get('steps')} CD steps in {time.per
 # %%
 n_img = pick(fast=8, cpu=8, gpu=16)
 x_T = torch.randn(n_img, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-g_c = cm_timesteps(sch_c, 18).tolist()
-one = cm_sample(student, x_T, sch_c, [999.0])
-two = cm_sample(student, x_T, sch_c, [999.0, g_c[8]], generator=torch.Generator().manual_seed(2))
-two_again = cm_sample(student, x_T, sch_c, [999.0, g_c[8]], generator=torch.Generator().manual_seed(2))
+one = run_sampler("cm", student, x_T, sch_c, 1)  # the registry's cm sampler: times from cm_sampling_times
+two = run_sampler("cm", student, x_T, sch_c, 2, generator=torch.Generator().manual_seed(2))
+two_again = cm_sample(student, x_T, sch_c, cm_sampling_times(sch_c, 2), generator=torch.Generator().manual_seed(2))
 ddim_2 = ddim(teacher, x_T, sch_c, spaced_timesteps(sch_c, 3, "lambda"), denoise_to_zero=False)
 ddim_50 = ddim(teacher, x_T, sch_c, spaced_timesteps(sch_c, 51, "lambda"), denoise_to_zero=False)
 assert one.x.shape == x_T.shape and (one.nfe, two.nfe, ddim_2.nfe, ddim_50.nfe) == (1, 2, 2, 50)
-assert torch.equal(two.x, two_again.x), "multistep sampling is deterministic given the generator"
+assert torch.equal(two.x, two_again.x), "run_sampler('cm') = cm_sample on cm_sampling_times, given the generator"
 
 fig, ax = plt.subplots(1, 4, figsize=(14, 2.6), dpi=60)  # low resolution: small on disk
 for a, (x, title) in zip(ax, [(ddim_50.x, "teacher, DDIM 50 NFE"), (ddim_2.x, "teacher, DDIM 2 NFE"),
@@ -422,15 +426,15 @@ print(f"notebook time so far: {time.perf_counter() - T0:.0f} s")
 
 # %%
 if t_info["source"] == "shipped" and s_info["source"] == "shipped":
-    from minilcm.evaluator import Evaluator
+    from minilcm.evaluator import Evaluator, sampler_fd
 
     ev = Evaluator.load()
     n_fd = pick(fast=200, cpu=1000, gpu=2000)
     z = torch.randn(n_fd, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    g_fd = torch.Generator().manual_seed(4)  # the re-noising noise of the two-step runs, drawn batch after batch
     fd_runs = {
-        "CD student, 1 NFE": lambda zb: cm_sample(student, zb, sch_c, [999.0]).x,
-        "CD student, 2 NFE": lambda zb: cm_sample(student, zb, sch_c, [999.0, g_c[8]],
-                                                  generator=torch.Generator().manual_seed(4)).x,
+        "CD student, 1 NFE": lambda zb: run_sampler("cm", student, zb, sch_c, 1).x,
+        "CD student, 2 NFE": lambda zb: run_sampler("cm", student, zb, sch_c, 2, generator=g_fd).x,
         "teacher DDIM, 2 NFE": lambda zb: ddim(teacher, zb, sch_c, spaced_timesteps(sch_c, 3, "lambda"),
                                                denoise_to_zero=False).x,
         "teacher DDIM, 25 NFE": lambda zb: ddim(teacher, zb, sch_c, spaced_timesteps(sch_c, 26, "lambda"),
@@ -439,9 +443,7 @@ if t_info["source"] == "shipped" and s_info["source"] == "shipped":
     fd = {}
     for name, fn in fd_runs.items():
         c0 = time.perf_counter()
-        with torch.no_grad():
-            x = torch.cat([fn(zb).clamp(-1, 1) for zb in z.split(250)])
-        fd[name] = ev.fd(x)
+        fd[name] = sampler_fd(ev, fn, z, batch=250)  # FD-clf of fn's images, 250 noises at a time
         print(f"{name:<22} FD-clf {fd[name]:7.1f}   ({time.perf_counter() - c0:.1f} s for {n_fd} images)")
     assert fd["CD student, 1 NFE"] < fd["teacher DDIM, 2 NFE"], "one CD step should beat two DDIM steps"
 else:
@@ -464,8 +466,8 @@ print(f"notebook time so far: {time.perf_counter() - T0:.0f} s")
 # * At 1–2 NFE, consistency models draw the mixture while DDIM with the *exact* eps-model returns its mean; more steps
 #   of re-noising and re-applying $f$ trade compute for quality.
 # * Pixel-space CD uses exactly the same code on a UNet. On the shipped CIFAR-10 pair (committed run, cpu profile,
-#   1,000 images each) one student step scored FD-clf 173, two steps 170, against 499 for two DDIM steps of the
-#   teacher and 168 for twenty-five: one step bought nearly the teacher's 25-step quality.
+#   1,000 images each) one student step scored FD-clf 173, two steps 166, against 499 for two DDIM steps of the
+#   teacher and 168 for twenty-five: one step bought nearly the teacher's 25-step quality, two steps matched it.
 #
 # **Next — Chapter 5, latent consistency models:** LCM distils with the teacher's classifier-free guidance
 # *inside* the ODE step (the augmented PF-ODE), feeds the guidance scale $w$ to the student, and skips $k$ timesteps

@@ -40,31 +40,22 @@ import os
 import shlex
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore")  # diffusers / peft chatter about tiny test models
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
 
+from minilcm.notebook import setup  # first: it silences tqdm's import-time warning
 import minilcm
 from minilcm import sd
 from minilcm.models.sd import tiny_sd_pipeline
-from minilcm.profiles import PROFILE, pick
+from minilcm.profiles import pick
 
-import diffusers
-import huggingface_hub
-import transformers
-
-for lib in (diffusers, transformers):  # quiet: no loading bars or warnings about tiny test models
-    lib.utils.logging.set_verbosity_error()
-    lib.utils.logging.disable_progress_bar()
-huggingface_hub.utils.disable_progress_bars()
-print("profile:", PROFILE)
-torch.manual_seed(0)
-torch.set_num_threads(1)  # tiny models: one thread is fastest
+# tiny models: one thread is fastest; quiet_hf_libraries: no loading bars, log messages or warnings from diffusers,
+# transformers and huggingface_hub about tiny test models
+PROFILE = setup(threads=1, quiet_hf_libraries=True)
 T0 = time.perf_counter()
 ROOT = Path(minilcm.__file__).resolve().parents[1]
 WORK = Path(tempfile.mkdtemp(prefix="minilcm-ch6-"))
@@ -82,15 +73,10 @@ WORK = Path(tempfile.mkdtemp(prefix="minilcm-ch6-"))
 # count parameters (and, below, FLOPs) of an 860M-parameter UNet on a laptop in milliseconds.
 
 # %%
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from minilcm.models.sd import sd15_shaped
 
-with torch.device("meta"):
-    unet15 = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
-    vae15 = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                          block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
-    te15 = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+parts15 = sd15_shaped("meta")  # SD v1.5's UNet, VAE and CLIP ViT-L/14 text encoder: shapes only, no storage
+unet15, vae15, te15 = parts15["unet"], parts15["vae"], parts15["text_encoder"]
 
 
 def n_params(m):
@@ -154,7 +140,7 @@ assert reference / ours > 1.15
 # %% [markdown]
 # So caching latents and text states (our data path does it once, before training) removes ~20% of the
 # arithmetic of a step. The rest of the speed-up we measure in Section 5 comes from the teacher's weights in
-# bf16 and its conditional and unconditional passes **fused into one batched call** (`minilcm.lcm.guided_eps`).
+# bf16 and its conditional and unconditional passes **fused into one batched call** (`minilcm.guidance.guided_eps`).
 #
 # ## 2. The data: image–caption pairs, encoded once
 #

@@ -60,29 +60,25 @@
 # With Inception-v3 weights on disk, `minilcm.evaluator.InceptionFeatures` gives the real FID with the same code.
 
 # %%
-import json
 import time
-import warnings
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # no ipywidgets: tqdm draws text progress bars
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from IPython.display import Markdown, display
 
+from minilcm.notebook import setup  # first: it silences tqdm's import-time warning
 from minilcm.bench import BENCH_PLAN, HEADLINE, model_benchmark, plot_model_benchmark
-from minilcm.checkpoints import SHIPPED_DIR
+from minilcm.checkpoints import shipped_dir
 from minilcm.datasets import CIFAR10_CLASSES
 from minilcm.evaluator import INCEPTION_HELP, Evaluator, inception_weights
 from minilcm.generate import generate
-from minilcm.zoo import load_model_folder
-from minilcm.profiles import PROFILE, pick
+from minilcm.profiles import pick
 from minilcm.viz import image_grid
+from minilcm.zoo import load_model_folder, missing_shipped, shipped_meta
 
-print("profile:", PROFILE)
+PROFILE = setup()  # CI: one thread (on shared cores more threads only wait for each other); seed 0, compact figures
 T0 = time.perf_counter()
-if PROFILE == "fast":  # CI: one thread; on shared cores more threads only wait for each other
-    torch.set_num_threads(1)
 print("Inception-v3 weights:", inception_weights() or "not on this machine")
 if inception_weights() is None:
     print(INCEPTION_HELP)
@@ -95,28 +91,19 @@ if inception_weights() is None:
 # `meta.json` files say how long they trained, on what hardware and from which commit.
 
 # %%
-NEEDED = {"evaluator-cifar10": ("state.safetensors", "minilcm train evaluator"),
-          "minisd-cifar10": ("model_index.json", "minilcm train autoencoder && minilcm train minisd"),
-          "lcm-cifar10": ("unet/config.json", "minilcm train lcm")}
-missing = {name: how for name, (marker, how) in NEEDED.items() if not (SHIPPED_DIR / name / marker).exists()}
+missing = missing_shipped(["evaluator-cifar10", "minisd-cifar10", "lcm-cifar10"])  # {name: the command that trains it}
 if missing:
     raise FileNotFoundError(
         "this notebook measures the shipped checkpoints, and these are missing from "
-        f"{SHIPPED_DIR}: {', '.join(missing)}. They are committed with the course (a fresh clone has them); "
-        "to rebuild them, run in order: " + "; ".join(f"`{how}`" for how in missing.values()))
-
-
-def meta_of(name, sub=""):
-    p = SHIPPED_DIR / name / sub / "meta.json"
-    return json.loads(p.read_text()) if p.exists() else {}
-
+        f"{shipped_dir()}: {', '.join(missing)}. They are committed with the course (a fresh clone has them); "
+        "to rebuild them, run in order: " + "; ".join(missing.values()))
 
 ev = Evaluator.load()
 teacher = load_model_folder("minisd-cifar10")
 student = load_model_folder("lcm-cifar10")
 for name, sub in [("evaluator-cifar10", ""), ("minisd-cifar10", "vae"), ("minisd-cifar10", ""), ("lcm-cifar10", ""),
                   ("ddpm-cifar10", ""), ("cd-cifar10", "")]:
-    m = meta_of(name, sub)
+    m = shipped_meta(name, sub)
     if not m:
         print(f"{name:<22} not shipped: its rows are skipped")
         continue
