@@ -59,6 +59,44 @@ def _reference_images(n: int):
     return test.images[idx], test.labels[idx]
 
 
+def _load_models(plan: dict, device, notes: list, specs: dict) -> dict:
+    """{role: LoadedModel} for each role of ``plan``: {role: (name or folder, required)}; an optional model that is
+    missing (or given as None) is skipped with a note."""
+    models = {}
+    for role, (spec, required) in specs.items():
+        if role not in plan:
+            continue
+        if spec is None:
+            notes.append(f"{role} left out")
+            continue
+        try:
+            models[role] = load_model_folder(spec, device=device)
+        except CheckpointError as e:
+            if required:
+                raise
+            notes.append(f"{role} ({spec}) skipped: {e}")
+    return models
+
+
+def _reference_rows(models: dict, ev, n: int, reference, notes: list) -> list:
+    """The two floors: ``n`` real CIFAR-10 test images, and the mini-SD autoencoder's reconstructions of them."""
+    rows = []
+    try:
+        ref_x, ref_y = reference if reference is not None else _reference_images(n)
+        rows.append(ModelBenchRow("CIFAR-10 test images", "reference", None, None, None, len(ref_x), None,
+                                  ev.fd(ref_x), ev.class_accuracy(ref_x, ref_y), None,
+                                  note="the floor of FD-clf at this n"))
+        if "mini-SD teacher" in models:
+            sd = models["mini-SD teacher"].sd
+            rec = sd.decode(sd.encode(ref_x))
+            rows.append(ModelBenchRow("VAE reconstruction", "reference", None, None, None, len(ref_x), None,
+                                      ev.fd(rec), ev.class_accuracy(rec, ref_y), None,
+                                      str(models["mini-SD teacher"].path), "decode(encode(test images))"))
+    except Exception as e:  # CIFAR-10 unavailable: the reference rows are optional
+        notes.append(f"reference rows skipped: {type(e).__name__}: {e}")
+    return rows
+
+
 def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, device: str = "cpu", seed: int = 0,
                     batch: int = 250, minisd="minisd-cifar10", lcm="lcm-cifar10", evaluator="evaluator-cifar10",
                     pixel_teacher="ddpm-cifar10", pixel_cm="cd-cifar10", plan: dict | None = None,
@@ -79,20 +117,9 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
     """
     plan = BENCH_PLAN if plan is None else plan
     ev = Evaluator.load(evaluator, device=device)
-    notes, models = [], {}
-    for role, spec, required in [("mini-SD teacher", minisd, True), ("LCM student", lcm, True),
-                                 ("pixel DDPM teacher", pixel_teacher, False), ("CD student", pixel_cm, False)]:
-        if role not in plan:
-            continue
-        if spec is None:
-            notes.append(f"{role} left out")
-            continue
-        try:
-            models[role] = load_model_folder(spec, device=device)
-        except CheckpointError as e:
-            if required:
-                raise
-            notes.append(f"{role} ({spec}) skipped: {e}")
+    notes = []
+    models = _load_models(plan, device, notes, {"mini-SD teacher": (minisd, True), "LCM student": (lcm, True),
+                                          "pixel DDPM teacher": (pixel_teacher, False), "CD student": (pixel_cm, False)})
     runs = [(role, s, k) for role in models for s, steps in plan[role] for k in steps]
     it = runs
     if progress:
@@ -106,20 +133,7 @@ def model_benchmark(n: int, w: float = 1.0, out: str | None = "runs/bench", *, d
         rows.append(ModelBenchRow(role, sampler, steps, g.nfe, g.rows_per_eval, n, w if cond else None,
                                   ev.fd(x), ev.class_accuracy(x, torch.from_numpy(g.labels)) if cond else None,
                                   g.seconds_per_image, str(m.path)))
-    # reference rows: real images at this n, and the VAE's reconstructions of them
-    try:
-        ref_x, ref_y = reference if reference is not None else _reference_images(n)
-        rows.append(ModelBenchRow("CIFAR-10 test images", "reference", None, None, None, len(ref_x), None,
-                                  ev.fd(ref_x), ev.class_accuracy(ref_x, ref_y), None,
-                                  note="the floor of FD-clf at this n"))
-        if "mini-SD teacher" in models:
-            sd = models["mini-SD teacher"].sd
-            rec = sd.decode(sd.encode(ref_x))
-            rows.append(ModelBenchRow("VAE reconstruction", "reference", None, None, None, len(ref_x), None,
-                                      ev.fd(rec), ev.class_accuracy(rec, ref_y), None,
-                                      str(models["mini-SD teacher"].path), "decode(encode(test images))"))
-    except Exception as e:  # CIFAR-10 unavailable: the reference rows are optional
-        notes.append(f"reference rows skipped: {type(e).__name__}: {e}")
+    rows += _reference_rows(models, ev, n, reference, notes)
     checks = headline_checks(rows)
     header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(device), "device": str(device),
               "n": n, "w": w, "guidance_scale": w + 1, "seed": seed, "batch": batch,

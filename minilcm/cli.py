@@ -33,17 +33,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: ``minilcm {demo,train,sample,bench,sd-distill}`` (torch-free: names from catalog)."""
     p = _Parser(prog="minilcm", description="minilcm: from DDPM to latent consistency models. "
                                 "A user error prints one short message and exits with code 2; --debug (or "
                                 "MINILCM_DEBUG=1) shows the traceback.")
     p.add_argument("--debug", action="store_true", help="show tracebacks (same as MINILCM_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_demo, _add_train, _add_sample, _add_bench, register_sd_distill):  # sd-distill: Chapter 6
+        add(sub)
+    return p
+
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="train and sample a 2-D DDPM in under a minute, write a figure")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=3000)
     d.add_argument("--n", type=int, default=2000, help="number of samples")
     d.set_defaults(fn="demo")
+
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train one stage of the shipped checkpoints (see minilcm.stages)")
     t.add_argument("stage", choices=STAGE_NAMES)
     t.add_argument("--out", default=None, help="export folder (default: runs/<name>; the shipped checkpoints in "
@@ -55,6 +65,9 @@ def main(argv=None) -> int:
     t.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available; the default)")
     t.add_argument("--teacher", default=None, help="lcm / cd stage: the teacher folder to distil (default: the shipped mini-SD / ddpm-cifar10)")
     t.set_defaults(fn="train_stage")
+
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images from a checkpoint into FILE.npz (+ FILE.png)",
                        description="Sample images from a shipped checkpoint or a folder (see minilcm.generate). "
                        "--guidance is w in the LCM convention, eps_w = (1 + w) eps_cond - w eps_uncond: diffusers' "
@@ -77,6 +90,9 @@ def main(argv=None) -> int:
     s.add_argument("--force", action="store_true", help="overwrite FILE.npz / FILE.png if they exist")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn="sample")
+
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="every sampler at every NFE on the shipped models: table, JSON, plot",
                        description="Run the mini-SD teacher (DDIM, DPM-Solver++ at 4/8/25 steps, DDPM at 25) and the "
                        "LCM student (1/2/4 steps), plus the pixel DDPM/CD models when shipped, on the same seeds; "
@@ -98,8 +114,10 @@ def main(argv=None) -> int:
                    "32x32 UNets are slow on a CPU)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn="bench")
-    register_sd_distill(sub)  # minilcm sd-distill (Chapter 6)
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         from .profiles import current  # imported here, not at the top: it imports torch, which --help never needs
 

@@ -117,6 +117,48 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _check_fits(m: LoadedModel, sampler: str, steps: int, w: float) -> None:
+    """Fail before any work when the step count does not fit the sampler's grid; warn when w is outside the range a
+    student was distilled on."""
+    try:  # the grid each sampler will run: an impossible step count fails here, before any work
+        get_sampler(sampler).grid(m.schedule, steps)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"--steps {steps} does not fit the {sampler} sampler: {e}") from e
+    rng = guidance_range(m) if m.conditional != "none" else None
+    if rng is not None and not rng[0] <= w <= rng[1]:
+        warnings.warn(f"w = {w:g} is outside the range this student was distilled on, w in [{rng[0]:g}, {rng[1]:g}] "
+                      "(LCM convention): expect poor images", stacklevel=3)
+
+
+def _conditions(m: LoadedModel, n: int, class_, prompt, labels):
+    """(prompts or None, labels (n,)) for a request: a prompt, explicit labels, one class, or the ten classes evenly;
+    a condition the model cannot take is an InputError."""
+    if prompt is not None and (class_ is not None or labels is not None):
+        raise InputError("give a class or a prompt, not both")
+    if prompt is not None and m.conditional != "text":
+        raise InputError(f"--prompt needs a text-conditioned model (the mini-SD or its LCM student); the {m.kind} "
+                         f"model in {m.path} is " + ("class-conditional: use --class" if m.conditional == "class"
+                                                     else "unconditional"))
+    if m.conditional == "none" and (class_ is not None or labels is not None):
+        raise InputError(f"the {m.kind} model in {m.path} is unconditional: it takes no class")
+    prompts = None
+    if prompt is not None:
+        prompts, lab = [prompt] * n, np.full(n, prompt_label(prompt), dtype=np.int64)
+    elif m.conditional == "none":
+        lab = np.full(n, -1, dtype=np.int64)
+    elif labels is not None:
+        lab = np.array([parse_class(c) for c in labels], dtype=np.int64)
+        if len(lab) != n:
+            raise InputError(f"{len(lab)} labels for n={n} images")
+    elif class_ is not None:
+        lab = np.full(n, parse_class(class_), dtype=np.int64)
+    else:
+        lab = balanced_labels(n)
+    return prompts, lab
+
+
 def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=None, prompt: str | None = None,
              labels=None, seed: int = 0, batch: int = 250, device: str = "cpu", warmup: bool = True,
              progress: bool = False) -> Generated:
@@ -141,37 +183,8 @@ def generate(model, sampler: str, steps: int, n: int, *, w: float = 1.0, class_=
     if sampler not in m.samplers:
         raise InputError(f"sampler {sampler!r} does not fit the {m.kind} model in {m.path}; valid: "
                          f"{', '.join(m.samplers)}")
-    try:  # the grid each sampler will run: an impossible step count fails here, before any work
-        get_sampler(sampler).grid(m.schedule, steps)
-    except InputError:
-        raise
-    except ValueError as e:
-        raise InputError(f"--steps {steps} does not fit the {sampler} sampler: {e}") from e
-    rng = guidance_range(m) if m.conditional != "none" else None
-    if rng is not None and not rng[0] <= w <= rng[1]:
-        warnings.warn(f"w = {w:g} is outside the range this student was distilled on, w in [{rng[0]:g}, {rng[1]:g}] "
-                      "(LCM convention): expect poor images", stacklevel=2)
-    if prompt is not None and (class_ is not None or labels is not None):
-        raise InputError("give a class or a prompt, not both")
-    if prompt is not None and m.conditional != "text":
-        raise InputError(f"--prompt needs a text-conditioned model (the mini-SD or its LCM student); the {m.kind} "
-                         f"model in {m.path} is " + ("class-conditional: use --class" if m.conditional == "class"
-                                                     else "unconditional"))
-    if m.conditional == "none" and (class_ is not None or labels is not None):
-        raise InputError(f"the {m.kind} model in {m.path} is unconditional: it takes no class")
-    prompts = None
-    if prompt is not None:
-        prompts, lab = [prompt] * n, np.full(n, prompt_label(prompt), dtype=np.int64)
-    elif m.conditional == "none":
-        lab = np.full(n, -1, dtype=np.int64)
-    elif labels is not None:
-        lab = np.array([parse_class(c) for c in labels], dtype=np.int64)
-        if len(lab) != n:
-            raise InputError(f"{len(lab)} labels for n={n} images")
-    elif class_ is not None:
-        lab = np.full(n, parse_class(class_), dtype=np.int64)
-    else:
-        lab = balanced_labels(n)
+    _check_fits(m, sampler, steps, w)
+    prompts, lab = _conditions(m, n, class_, prompt, labels)
     if warmup:
         sample_images(m, sampler, min(steps, 2), lab[:1], None if prompts is None else prompts[:1], w,
                       torch.Generator().manual_seed(seed + 1))
