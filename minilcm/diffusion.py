@@ -81,7 +81,7 @@ class DenoisingLoss:
     ``weighting`` multiplies each sample's squared error by w(t): "none" (w = 1, Ho et al.'s simple loss) or
     "snr+1" (w = 1 + SNR_t = 1 / alpha_t^2; Salimans & Ho 2022, arXiv 2202.00512, Sec. 4): on an eps-model it is
     exactly the v-prediction loss, ||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_t^2, so it keeps training the
-    network at high noise, where the plain eps-loss gives a preconditioned model (``consistency.EDMPrecond``)
+    network at high noise, where the plain eps-loss gives a preconditioned model (``preconditioning.EDMPrecond``)
     almost no signal.
 
     The training loop calls ``loss(model, batch, generator)``; ``batch`` is ``x0`` or ``(x0, labels)``.
@@ -92,7 +92,7 @@ class DenoisingLoss:
     cond_drop: float = 0.0
     null_class: int | None = None
     hflip: bool = False  # random horizontal flips: data augmentation for images
-    conditioning: object = None  # e.g. lcm.TextConditioning: batch -> (x0, cond), cond -> uncond (dropped rows)
+    conditioning: object = None  # e.g. guidance.TextConditioning: batch -> (x0, cond), cond -> uncond (dropped rows)
     weighting: str = "none"      # "none" or "snr+1" (the v-loss on an eps-model)
 
     def __post_init__(self):

@@ -46,7 +46,7 @@ def one_line(e: BaseException, width: int = 160, with_type: bool = False) -> str
     """An exception as one line: its first non-empty line, cut to ``width`` characters ("..." marks a cut),
     prefixed with the exception's class when ``with_type``; the class name alone when the message is empty."""
     text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "").rstrip(":")
-    text = text if len(text) <= width else text[:width - 3] + "..."
+    text = text if len(text) <= width else text[:width - 3].rstrip() + "..."
     if not text:
         return type(e).__name__
     return f"{type(e).__name__}: {text}" if with_type else text

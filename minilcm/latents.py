@@ -63,7 +63,7 @@ def measure_scaling_factor(latents: torch.Tensor) -> float:
 
 class LatentSet:
     """Cached (scaled) latents with their class labels; batches are (latents, caption embeddings) for
-    ``lcm.TextConditioning``/``TextDenoisingLoss``: each row gets one of its class's caption embeddings
+    ``DenoisingLoss(conditioning=guidance.TextConditioning(...))``: each row gets one of its class's caption embeddings
     (``captions``: (num_classes, num_templates, L, D)) drawn at random."""
 
     def __init__(self, latents: torch.Tensor, labels: torch.Tensor, captions: torch.Tensor):

@@ -102,7 +102,7 @@ def loss_curve(losses, ax=None, smooth: int = 50, title="training loss"):
 
 
 def error_vs_nfe(rows, key: str = "err_ref", ax=None, fit_min_nfe: int | None = None, title=None):
-    """Log-log plot of a benchmark's ``key`` against NFE, one line per solver (``minilcm.bench`` rows).
+    """Log-log plot of a benchmark's ``key`` against NFE, one line per solver (``minilcm.solver_bench`` rows).
 
     With ``fit_min_nfe`` each solver's fitted power law err ~ NFE^-p (``metrics.power_law_order``, the fit
     of ``solver_bench.convergence_order``, over NFE >= fit_min_nfe) is drawn dashed over the whole NFE range and its

@@ -1,5 +1,5 @@
 """The model zoo: every checkpoint kind loaded by shipped name or folder, the table of shipped names, and the
-command that trains each. Samplers, stages, recipes and benchmarks load through here (``docs/architecture.md``).
+command that trains each. Stages, recipes, benchmarks and ``generate`` load through here (``docs/architecture.md``).
 
     m = load_model_folder("lcm-cifar10")          # a shipped name or a path -> LoadedModel
     m.kind, m.samplers, m.model, m.schedule        # what it is, which samplers run it, the model to call
@@ -105,10 +105,10 @@ def _pixel_net(cfg: dict):
     return net
 
 
-def _pixel_eps_model(cfg: dict):
-    """The eps-model of a pixel checkpoint's config: an ``EpsUNet``, or one wrapped in ``consistency.EDMPrecond``."""
+def build_pixel_model(cfg: dict):
+    """The eps-model of a pixel checkpoint's config: an ``EpsUNet``, or one wrapped in ``preconditioning.EDMPrecond``."""
     if cfg.get("class") == "EDMPrecond":
-        return EDMPrecond(_pixel_eps_model(cfg["raw"]), Schedule(cfg["schedule"]), cfg["sigma_data"])
+        return EDMPrecond(build_pixel_model(cfg["raw"]), Schedule(cfg["schedule"]), cfg["sigma_data"])
     return _pixel_net(cfg)
 
 
@@ -171,7 +171,7 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
     cfg = meta.get("model_config", {})
     cls = cfg.get("class")
     if cls in ("EpsUNet", "EDMPrecond"):
-        model = _build(cfg, path, _pixel_eps_model)
+        model = _build(cfg, path, build_pixel_model)
         meta = load_model(model, path)
         schedule = Schedule(meta.get("schedule", "linear"))  # the Chapter 1 recipe's schedule
         cond = "class" if model.null_class is not None else "none"
@@ -181,7 +181,7 @@ def load_model_folder(name_or_path, device: str = "cpu") -> LoadedModel:
         def build(cfg):
             scaling = dict(cfg["scaling"])
             scaling_cls = {"CMScalings": CMScalings, "LCMScalings": LCMScalings}[scaling.pop("class")]
-            return ConsistencyModel(_pixel_eps_model(cfg["net"]), Schedule(cfg["schedule"]), scaling_cls(**scaling),
+            return ConsistencyModel(build_pixel_model(cfg["net"]), Schedule(cfg["schedule"]), scaling_cls(**scaling),
                                     cfg.get("t_min", 0.0))
 
         model = _build(cfg, path, build)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import atomic_write
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..models.sd import encode_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -33,13 +33,6 @@ CAPTION_KEYS = ("text", "caption", "prompt")
 
 class DataError(UserError, ValueError):
     """The caption data is missing, empty, or has images without captions."""
-
-
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first non-empty line of an exception's message, cut to ``limit`` characters (libraries such as
-    huggingface_hub and datasets put 20-40 lines in theirs; the rest is what --debug shows)."""
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
 
 
 def folder_pairs(folder: str | Path) -> list[tuple[Path, str]]:
@@ -118,7 +111,7 @@ def hub_pairs(name: str, split: str = "train", image_column: str = "image", capt
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, no such dataset, no such split, gated, ...: 20-40 lines of text
         raise DataError(f"no data folder {name}, and it could not be loaded as a Hugging Face dataset "
-                        f"({type(e).__name__}: {first_line(e)}): check the path; a hub dataset needs network "
+                        f"({type(e).__name__}: {one_line(e)}): check the path; a hub dataset needs network "
                         "access (and a valid --split)") from e
     col = caption_column or next((k for k in CAPTION_KEYS if k in ds.column_names), None)
     if col is None or image_column not in ds.column_names:
@@ -151,7 +144,7 @@ def load_image(image, resolution: int) -> torch.Tensor:
         img = image if isinstance(image, Image.Image) else Image.open(image)
         img = TF.center_crop(TF.resize(img.convert("RGB"), resolution, antialias=True), resolution)
     except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files, bad headers
-        raise DataError(f"cannot read the image {image} ({type(e).__name__}: {first_line(e)}): "
+        raise DataError(f"cannot read the image {image} ({type(e).__name__}: {one_line(e)}): "
                         "replace it or remove it from the data folder") from e
     return TF.to_tensor(img) * 2 - 1
 
@@ -194,7 +187,7 @@ class LatentCaptions:
             t = load_file(str(path))
             return cls(t["latents"], t["embeds"], t["empty"])
         except Exception as e:  # not a safetensors file, truncated, or another file's tensors
-            what = f"no tensor {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {first_line(e)}"
+            what = f"no tensor {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {one_line(e)}"
             raise DataError(f"the cache {path} is not a latents cache written by sd-distill ({what}): delete it or "
                             "pass another --cache file") from e
 

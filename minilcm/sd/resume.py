@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 
 from ..checkpoints import CheckpointError
-from ..errors import InputError
+from ..errors import InputError, one_line
 from .config import DistillConfig, flag_name
-from .data import first_line
+
 
 SETTINGS = "sd-distill.json"  # next to train()'s checkpoint: what the checkpoint's tensors depend on
 
@@ -60,7 +60,7 @@ def _checkpoint_meta(ckpt: Path, fix: str) -> dict:
             raise ValueError("its metadata is not a JSON object")
         return meta
     except Exception as e:  # truncated, not a safetensors file, config.json missing or not JSON
-        raise CheckpointError(f"the checkpoint in {ckpt} is unreadable ({type(e).__name__}: {first_line(e, 80)}): "
+        raise CheckpointError(f"the checkpoint in {ckpt} is unreadable ({type(e).__name__}: {one_line(e, 80)}): "
                               f"{fix}") from e
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError, UserError
+from ..errors import InputError, UserError, one_line
 from ..schedules import Schedule
 from .config import LORA_ATTENTION, DistillConfig, require_peft
-from .data import first_line, vae_scale_factor
+from .data import vae_scale_factor
 
 
 class TeacherError(UserError, ValueError):
@@ -76,7 +76,7 @@ def unreadable_weights(folder: Path) -> tuple[str, str] | None:
                 with safe_open(str(f), framework="pt"):
                     pass
             except Exception as e:
-                return rel, first_line(e, 80)
+                return rel, one_line(e, 80)
         else:
             with open(f, "rb") as fh:
                 zipped = fh.read(2) == b"PK"
@@ -103,7 +103,7 @@ def missing_components(folder: Path) -> list[str]:
 
 def _load_error(name: str, p: Path, e: Exception) -> TeacherError:
     """Why ``from_pretrained`` failed on the teacher ``name`` (folder ``p``), in one line that names the fix."""
-    why = f"{type(e).__name__}: {first_line(e)}"
+    why = f"{type(e).__name__}: {one_line(e)}"
     if not p.exists():
         return TeacherError(f"could not load the teacher {name!r} from the Hugging Face hub ({why}). A hub id needs "
                             "network access (and `huggingface-cli login` for gated models): check the id, or "

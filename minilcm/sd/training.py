@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, staged_folder
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..train import TrainConfig, default_device, train
 from .config import DistillConfig, validate
-from .data import LatentCaptions, caption_pairs, check_cache, first_line, load_or_encode, vae_scale_factor
+from .data import LatentCaptions, caption_pairs, check_cache, load_or_encode, vae_scale_factor
 from .export import export_lora, export_pipeline
 from .resume import SETTINGS, check_out, check_resume, remove_if_unused, resume_settings, write_settings
 from .student import build
@@ -113,7 +113,7 @@ def _train(student, loss, dataset, tcfg: TrainConfig, acc, ckpt: Path):
     try:
         return train(student, loss, dataset, tcfg, accelerator=acc)
     except CheckpointError as e:  # e.g. a checkpoint from an older minilcm that does not fit this run
-        why = re.sub(r"^the checkpoint in \S+ ", "", first_line(e, 100_000))
+        why = re.sub(r"^the checkpoint in \S+ ", "", one_line(e, 100_000))
         why = why if len(why) <= 140 else why[:137].rstrip() + "..."
         raise CheckpointError(f"cannot resume from {ckpt}: {why}; use another OUT folder, or delete {ckpt} to "
                               "start afresh") from e

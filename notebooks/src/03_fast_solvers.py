@@ -27,7 +27,7 @@
 #
 # We *measure* everything: convergence orders on a 2-D Gaussian mixture whose exact eps-model we know (so solver
 # error is separated from learning error), then quality against NFE on a CIFAR-10 UNet.
-# The samplers live in `minilcm.solvers` (one function each, one signature), the measurements in `minilcm.bench`.
+# The samplers live in `minilcm.solvers` (one function each, one signature), the measurements in `minilcm.solver_bench`.
 #
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI, about a minute), `cpu` (a laptop, minutes), `gpu`.
 

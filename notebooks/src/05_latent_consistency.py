@@ -120,7 +120,7 @@ print("text states:", tuple(c.shape), "  empty prompt:", tuple(sd.empty.shape))
 # With CFG the teacher's eps becomes $\hat\epsilon_w = (1 + w)\epsilon_c - w\,\epsilon_\varnothing$ (LCM's
 # convention: $w = 0$ is the plain conditional model; diffusers' `guidance_scale` is $w + 1$). `guidance.guided_eps`
 # evaluates both terms in **one** batched call of $2B$ rows. The ODE that this guided eps drives is the
-# *augmented PF-ODE*; its DDIM step is `lcm.guided_ddim_step`. Let us check the fused call against two separate
+# *augmented PF-ODE*; its DDIM step is `guidance.guided_ddim_step`. Let us check the fused call against two separate
 # calls, then look at what $w$ does to the teacher's samples.
 
 # %%
