@@ -47,6 +47,16 @@ def density_contours(ax, log_prob, lim=3.0, n=200, levels=8, **kw):
     ax.contourf(X.numpy(), Y.numpy(), Z.numpy(), levels=levels, cmap=kw.pop("cmap", "Greys"), alpha=kw.pop("alpha", 0.5))
 
 
+def _square(ax, lim, title):
+    """The 2-D panels' frame: [-lim, lim]^2, equal aspect, an optional title."""
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def scatter_2d(x, ax=None, labels=None, title=None, log_prob=None, lim=3.0, s=2, **kw):
     """2-D points (coloured by label if given), over density contours if ``log_prob`` is given.
 
@@ -61,12 +71,7 @@ def scatter_2d(x, ax=None, labels=None, title=None, log_prob=None, lim=3.0, s=2,
     x = x.detach().cpu()
     c = None if labels is None else labels.detach().cpu().numpy()
     ax.scatter(x[:, 0], x[:, 1], s=s, c=c, cmap="tab10" if c is not None else None, **kw)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    if title:
-        ax.set_title(title)
-    return ax
+    return _square(ax, lim, title)
 
 
 def trajectories(traj, ax=None, n: int = 30, lim=3.0, color="C0", title=None, **kw):
@@ -79,12 +84,7 @@ def trajectories(traj, ax=None, n: int = 30, lim=3.0, color="C0", title=None, **
         ax.plot(path[:, i, 0], path[:, i, 1], color=color, lw=0.7, alpha=0.7, **kw)
     ax.scatter(path[0, :, 0], path[0, :, 1], s=6, color="k", label="start")
     ax.scatter(path[-1, :, 0], path[-1, :, 1], s=10, color="C3", label="end")
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    if title:
-        ax.set_title(title)
-    return ax
+    return _square(ax, lim, title)
 
 
 def loss_curve(losses, ax=None, smooth: int = 50, title="training loss"):
