@@ -305,8 +305,9 @@ assert speedup >= HEADLINE["lcm4_speedup_min"]
 #   $w$ as an input: its $w$ knob works like the teacher's CFG, at $B$ rows per step instead of $2B$.
 # - **The headline, measured here:** the table above puts LCM at 4 steps against the teacher's 25-step DPM-Solver++
 #   on FD-clf and time per image. In the committed run (cpu profile, 500 images per row, this repository's 2-core
-#   CPU) LCM@4 scored FD-clf 181 against 183 (ratio 0.99, target ≤ 1.15) and was 9.9× faster; LCM@2 had ratio 0.94
-#   (target ≤ 1.3); the teacher's own 4-step DDIM scored 271. The cells assert the part that must hold at any
+#   CPU) LCM@4 scored FD-clf 181 against 183 (ratio 0.99, target ≤ 1.15) and was 11.4× faster (9.9× in the previous
+#   run: the ratio moves with what else shares the 2 cores); LCM@2 had ratio 0.94 (target ≤ 1.3); the teacher's own
+#   4-step DDIM scored 271. The cells assert the part that must hold at any
 #   sample size: LCM@4 beats DDIM@4, and is at least 5× faster than DPM-Solver++@25.
 # - **What a short distillation does not buy:** the student was distilled for 1,000 steps on a CPU, and its $w$
 #   input has barely left its zero initialisation: its class accuracy is about the same at every $w$ (44-46% in the
