@@ -64,6 +64,8 @@ def _add_train(sub) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available; the default)")
     t.add_argument("--teacher", default=None, help="lcm / cd stage: the teacher folder to distil (default: the shipped mini-SD / ddpm-cifar10)")
+    t.add_argument("--init", default=None, help="autoencoder: start from this vae (or mini-SD pipeline) folder, "
+                   "skip phase 1 and fine-tune its decoder; minisd: warm-start the UNet from this pipeline folder")
     t.set_defaults(fn="train_stage")
 
 

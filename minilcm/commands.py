@@ -110,6 +110,10 @@ def train_stage(args) -> int:
     kw = {"teacher": args.teacher} if args.stage in ("lcm", "cd") and args.teacher else {}
     if args.teacher and args.stage not in ("lcm", "cd"):
         raise InputError(f"--teacher is for the lcm and cd stages; `minilcm train {args.stage}` has no teacher")
+    if getattr(args, "init", None):
+        if args.stage not in ("autoencoder", "minisd"):
+            raise InputError(f"--init is for the autoencoder and minisd stages, not {args.stage}")
+        kw["init"] = args.init
     meta = stages.STAGES[args.stage](out=args.out, device=device_of(args), replace_shipped=args.replace_shipped,
                                      progress=not args.quiet, **kw)
     print(json.dumps(meta.get("metrics", {}), indent=1))

@@ -195,24 +195,19 @@ def cm_sampling_times(schedule: Schedule, steps: int, N: int = 18, t_min: float 
     return [grid[N - (i * N) // steps] for i in range(steps)]
 
 
-def ddim_solver(model: Callable, x: torch.Tensor, schedule: Schedule, t: float, s: float,
+def ddim_solver(model: Callable, x: torch.Tensor, schedule: Schedule, t, s,
                 cond: dict | None = None) -> torch.Tensor:
     """One deterministic DDIM step of an eps-model from t to s (``solvers.ddim_step``; the solver LCM distils). NFE 1.
 
-    Same signature as ``sde.euler_step`` / ``sde.heun_step``, so any of the three is a CD solver.
+    Same signature as ``sde.euler_step`` / ``sde.heun_step``, so any of the three is a CD solver. t, s: floats, or
+    (B,) per-row times in [0, T-1]: the same step written as "re-noise x0 with its own eps", q_sample(x0, s, eps).
     """
-    return ddim_step(schedule, x, t, s, model_eps(model, x, t, cond))
-
-
-def _solve_per_time(solver, teacher, x, schedule, t, s, cond):
-    """Apply a scalar-time one-step solver to a batch whose rows sit at different (t, s): one call per distinct t
-    (rows with equal t share their s: both come from the same grid index). t, s: (B,) float64."""
-    out = torch.empty_like(x)
-    for tv in torch.unique(t):
-        rows = (t == tv).nonzero().squeeze(1)
-        sub = {k: v[rows.to(v.device)] for k, v in (cond or {}).items()}
-        out[rows.to(x.device)] = solver(teacher, x[rows.to(x.device)], schedule, tv.item(), s[rows[0]].item(), sub)
-    return out
+    eps = model_eps(model, x, t, cond)
+    t, s = torch.as_tensor(t, dtype=torch.float64).cpu(), torch.as_tensor(s, dtype=torch.float64).cpu()
+    if t.ndim == 0 and s.ndim == 0:
+        return ddim_step(schedule, x, t.item(), s.item(), eps)
+    B = x.shape[0]
+    return q_sample(schedule, eps_to_x0(schedule, x, t.expand(B), eps), s.expand(B), eps)
 
 
 # ---- distances and the shared-dropout pair of forwards ---------------------------------------------
@@ -256,10 +251,11 @@ class ConsistencyDistillation(nn.Module):
     and after each optimizer step the target theta- <- mu theta- + (1 - mu) theta (``after_step``).
 
     ``student`` is the online ConsistencyModel to be trained (the target starts as a copy of it); ``solver`` is a
-    scalar-time step with the signature of ``sde.heun_step`` (``ddim_solver``, ``sde.euler_step``, ...).
+    one-step solver with the signature of ``sde.heun_step`` that takes per-row (B,) times t, s
+    (``ddim_solver``, ``sde.euler_step``, ``sde.heun_step``).
     ``weight(s_n, s_{n+1})`` is lambda in EDM noise levels: None for Song et al.'s lambda = 1, or ``ict_weight``.
-    ``times_per_batch``: None draws n per row (the paper); G draws G indices, each shared by a block of rows, so
-    the scalar-time solver runs G times per step instead of up to N (``_solve_per_time``).
+    n is drawn i.i.d. per row, as in the paper, and the solver takes the (B,) times at once: one batched teacher
+    call per step for DDIM and Euler, two for Heun.
     ``use_labels``: pass the batch's class labels to teacher and student (else both are unconditional).
     The teacher is kept in eval mode and out of the loss's state_dict; the target runs in the online net's mode
     with its dropout masks (``paired_forward``).
@@ -267,9 +263,9 @@ class ConsistencyDistillation(nn.Module):
 
     def __init__(self, teacher: nn.Module, student: ConsistencyModel, N: int = 18, mu: float = 0.95,
                  solver: Callable = ddim_solver, distance: Callable = l2, spacing: str = "karras",
-                 use_labels: bool = False, times_per_batch: int | None = None, weight: Callable | None = None):
+                 use_labels: bool = False, weight: Callable | None = None):
         super().__init__()
-        self.times_per_batch, self.weight = times_per_batch, weight
+        self.weight = weight
         self.teacher = teacher.eval().requires_grad_(False)
         self.target = copy.deepcopy(student).requires_grad_(False)
         self.schedule, self.N, self.mu = student.schedule, N, mu
@@ -282,17 +278,13 @@ class ConsistencyDistillation(nn.Module):
         B, device = x0.shape[0], x0.device
         cond = {"class_labels": labels} if (self.use_labels and labels is not None) else {}
         ts = self.timesteps.cpu()
-        if self.times_per_batch is None:
-            n = torch.randint(0, self.N, (B,), generator=generator)
-        else:  # G indices, each shared by a block of rows: G teacher calls per step instead of up to N
-            G = self.times_per_batch
-            n = torch.randint(0, self.N, (G,), generator=generator)[torch.arange(B) * G // B]
+        n = torch.randint(0, self.N, (B,), generator=generator)  # i.i.d. per row
         t_n, t_n1 = ts[n], ts[n + 1]  # (B,) float64
         z = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
         x_n1 = q_sample(self.schedule, x0, t_n1, z)
         self.teacher.eval()
         with torch.no_grad():
-            x_hat_n = _solve_per_time(self.solver, self.teacher, x_n1, self.schedule, t_n1, t_n, cond)
+            x_hat_n = self.solver(self.teacher, x_n1, self.schedule, t_n1.to(device), t_n.to(device), cond)
         online, target = paired_forward(model, self.target, x_n1, t_n1.to(device), x_hat_n, t_n.to(device), cond)
         d = self.distance(online, target)  # (B,)
         if self.weight is not None:

@@ -4,26 +4,53 @@
     provenance(seconds, device)                 git commit, hardware, versions, wall time, profile, date
     teacher_record(teacher)                     a student's teacher: its name or path, and its weights' sha256
     sample_metrics(folder, runs, n, w, device)  FD-clf, class accuracy and time per image of a model's samples
+    Trained, tail_mean, save_diffusers          what a stage's builder returns, its final loss, fp16 diffusers saves
 
 The shipped folder (``checkpoints.shipped_dir()``, which honours ``MINILCM_CHECKPOINTS``) is written only with
 ``replace_shipped`` (``minilcm train STAGE --replace-shipped``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoints import check_export, content_hash, default_export, is_shipped, resolve, shipped_dir
+from .checkpoints import (check_export, content_hash, default_export, is_shipped, resolve, shipped_dir,
+                          strip_machine_paths)
 from .datasets import CIFAR10_CLASSES, to_uint8
 from .evaluator import Evaluator
 from .profiles import current, hardware
 from .samplers import sample_images
 from .zoo import load_model_folder
+
+
+@dataclass
+class Trained:
+    """What a stage's builder returns: the model to export, how it trained, and the stage's own metadata keys."""
+
+    model: object
+    steps: int
+    batch_size: int
+    seconds: float              # the training loop's wall clock (train.TrainResult.seconds)
+    meta: dict
+    extra: dict = field(default_factory=dict)  # what the export and the measurement need besides the model
+
+
+def tail_mean(losses, k: int = 100) -> float:
+    """The mean of the last k losses: the ``final_loss`` the stages record."""
+    return sum(losses[-k:]) / max(1, len(losses[-k:]))
+
+
+def save_diffusers(model, folder: Path) -> None:
+    """save_pretrained in fp16 (the shipped size), leaving the in-memory model untouched."""
+    copy.deepcopy(model).to(torch.float16).save_pretrained(str(folder))
+    strip_machine_paths(folder)  # no absolute path of this machine in a config that may be committed
 
 
 def provenance(seconds: float, device) -> dict:

@@ -8,7 +8,7 @@ Nothing here knows about latents: the same code distils the 2-D MLP and a Stable
     guidance_embedding(w, dim)                    the student's w input (diffusers' ``timestep_cond``) (B,) -> (B, dim)
     guided_eps(teacher, x, t, cond, uncond, w)    eps_w = (1 + w) eps(x, t, c) - w eps(x, t, 0), one fused call
     guided_ddim_step(teacher, x, schedule, t, s, cond, uncond, w)   the augmented PF-ODE solver step t -> s
-    lcm_student(teacher, schedule, w_dim)         the student: a copy of the teacher with a zero-initialised w input
+    lcm_student(teacher, schedule, w_dim)         the student: a copy of the teacher with a w input added
     LatentConsistencyDistillation(teacher, student, conditioning, k, w_min, w_max)   the LCD loss (Algorithm 1)
     lcm_sample(model, x, schedule, timesteps, cond=, w=)   the multistep LCM sampler (Algorithm 3)
 
@@ -64,12 +64,13 @@ def guidance_dim(net) -> int | None:
 
 
 # ---- the student -----------------------------------------------------------------------------------
-def with_guidance_input(teacher: nn.Module, w_dim: int) -> nn.Module:
+def with_guidance_input(teacher: nn.Module, w_dim: int, w_init: str = "random") -> nn.Module:
     """A copy of ``teacher`` that also takes ``timestep_cond`` = guidance_embedding(w) (B, w_dim).
 
-    The teacher's weights are copied; the new projection (``cond_proj``, as in diffusers' TimestepEmbedding) starts
-    at ZERO, so the copy computes exactly the teacher's eps for every w until training moves it (the reference
-    script initialises that layer at random). A teacher that already has a guidance input is deep-copied.
+    The teacher's weights are copied; the new projection (``cond_proj``, as in diffusers' TimestepEmbedding) keeps
+    its default random initialisation (``w_init="random"``, as the reference LCD script leaves it), or starts at zero
+    (``w_init="zero"``: the copy then computes exactly the teacher's eps for every w until training moves it).
+    A teacher that already has a guidance input is deep-copied.
     Works for ``MLPDenoiser`` and for diffusers models with ``time_cond_proj_dim`` (``UNet2DConditionModel``).
     """
     if guidance_dim(teacher) is not None:
@@ -87,21 +88,25 @@ def with_guidance_input(teacher: nn.Module, w_dim: int) -> nn.Module:
     p, q = next(teacher.parameters(), None), next(net.parameters())
     if p is not None and (p.device, p.dtype) != (q.device, q.dtype):
         net = net.to(device=p.device, dtype=p.dtype)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name in missing:
-                param.zero_()
+    if w_init not in ("random", "zero"):
+        raise ValueError(f"w_init must be 'random' or 'zero', got {w_init!r}")
+    if w_init == "zero":
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                if name in missing:
+                    param.zero_()
     return net
 
 
 def lcm_student(teacher: nn.Module, schedule: Schedule, w_dim: int = 256,
-                scaling: LCMScalings | None = None) -> ConsistencyModel:
+                scaling: LCMScalings | None = None, w_init: str = "random") -> ConsistencyModel:
     """The LCD student f_theta(x, t, w, c) (Luo et al. 2023, Sec. 4.2): the teacher copied, a w input added
     (``with_guidance_input``), wrapped with the LCM boundary scalings (``consistency.LCMScalings``).
 
-    At initialisation f_theta(x, t, w, c) = c_skip(t) x + c_out(t) x0_teacher(x, t, c) for every w.
+    With ``w_init="zero"``, f_theta(x, t, w, c) = c_skip(t) x + c_out(t) x0_teacher(x, t, c) for every w at
+    initialisation; with the default random w projection (the reference script's) w moves it from the start.
     """
-    return ConsistencyModel(with_guidance_input(teacher, w_dim), schedule, scaling or LCMScalings())
+    return ConsistencyModel(with_guidance_input(teacher, w_dim, w_init), schedule, scaling or LCMScalings())
 
 
 # ---- latent consistency distillation ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from diffusers import StableDiffusionPipeline
 from .checkpoints import load_pretrained, resolve_folder
 from .datasets import CIFAR10_CLASSES
 from .guidance import GuidedEps, TextConditioning
-from .latents import decode, encode
+from .latents import decode, encode, vae_factors
 from .models.sd import CAPTION_TEMPLATES, encode_prompts
 from .samplers import TEACHER_SAMPLERS, run_sampler
 from .schedules import Schedule
@@ -30,13 +30,14 @@ MINISD_NAME, LCM_NAME = "minisd-cifar10", "lcm-cifar10"
 
 class MiniSD:
     """A StableDiffusionPipeline's parts in the course's convention: ``unet(x, t, encoder_hidden_states=...)`` is the
-    eps-model on *scaled* latents z = scaling_factor * E(x); ``decode`` maps them back to images in [-1, 1]."""
+    eps-model on *scaled* latents z = scaling_factor * (E(x) - latents_mean) / latents_std (``latents.vae_factors``:
+    per channel, from the vae's config); ``decode`` maps them back to images in [-1, 1]."""
 
     def __init__(self, pipe, device="cpu"):
         self.pipe = pipe
         self.unet, self.vae = pipe.unet.float().eval().to(device), pipe.vae.float().eval().to(device)
         self.text_encoder, self.tokenizer = pipe.text_encoder.float().eval().to(device), pipe.tokenizer
-        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        self.scaling_factor, self.latents_mean, self.latents_std = vae_factors(pipe.vae)
         self.schedule = Schedule("scaled_linear")
         self.device = torch.device(device)
         self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
@@ -70,11 +71,11 @@ class MiniSD:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch: int = 500) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, 32, 32), float32 on the CPU, from scaled latents."""
-        return decode(self.vae, z, batch, self.scaling_factor).clamp(-1, 1)
+        return decode(self.vae, z, batch, self.scaling_factor, self.latents_mean, self.latents_std).clamp(-1, 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-        return encode(self.vae, images, batch, self.scaling_factor)
+        return encode(self.vae, images, batch, self.scaling_factor, mean=self.latents_mean, std=self.latents_std)
 
     def teacher(self, w: float) -> GuidedEps:
         """The guided teacher eps_w = (1 + w) eps(x, t, c) - w eps(x, t, "") as one eps-model (LCM's convention)."""

@@ -52,17 +52,22 @@ SIZES = {
         "gpu": dict(widths=(64, 128, 256, 256), epochs=20, lr=3e-3)},
     # the mini-SD autoencoder, its latent teacher UNet and the LCM student distilled from it (Chapter 5)
     "autoencoder": {
-        "fast": dict(size="tiny", steps=3, batch_size=8),
-        "cpu": dict(size="mini", steps=2500, batch_size=64),
-        "gpu": dict(size="mini", steps=20_000, batch_size=128)},
+        # phase 1 (L2 + KL) steps, then phase 2: the decoder alone with the perceptual and patch-GAN terms
+        "fast": dict(size="tiny", steps=3, batch_size=8, decoder_steps=3, decoder_lr=1e-4, perceptual_weight=0.5,
+                     adv_weight=0.05, disc_start=1),
+        "cpu": dict(size="mini", steps=2500, batch_size=64, decoder_steps=1500, decoder_lr=1e-4,
+                    perceptual_weight=0.5, adv_weight=0.05, disc_start=300),
+        "gpu": dict(size="mini", steps=20_000, batch_size=128, decoder_steps=5000, decoder_lr=1e-4,
+                    perceptual_weight=0.5, adv_weight=0.05, disc_start=1000)},
     "minisd": {
         "fast": dict(size="tiny", steps=3, batch_size=8, lr=1e-3, ema_decay=0.9, n_train=64),
         "cpu": dict(size="mini", steps=3500, batch_size=128, lr=1e-3, ema_decay=0.999, n_train=None),
         "gpu": dict(size="mini", steps=60_000, batch_size=256, lr=3e-4, ema_decay=0.9999, n_train=None)},
     "lcm": {
-        "fast": dict(steps=2, batch_size=4, lr=1e-4, ema_decay=0.9, n_train=64),
-        "cpu": dict(steps=1000, batch_size=64, lr=1e-4, ema_decay=0.99, n_train=None),
-        "gpu": dict(steps=20_000, batch_size=256, lr=5e-5, ema_decay=0.999, n_train=None)},
+        # the export is the LCD target theta^- (mu = 0.95), so no separate training EMA
+        "fast": dict(steps=2, batch_size=4, lr=1e-4, n_train=64),
+        "cpu": dict(steps=1000, batch_size=64, lr=1e-4, n_train=None),
+        "gpu": dict(steps=20_000, batch_size=256, lr=5e-5, n_train=None)},
     # the pixel DDPM teacher of Chapters 1-4 and its consistency-distilled student (Chapter 4): recipes fields
     "ddpm": {
         "fast": dict(size="tiny", steps=3, batch_size=8, lr=1e-3, warmup_steps=0, ema_decay=0.9, lr_decay="none"),
@@ -71,9 +76,9 @@ SIZES = {
         "gpu": dict(size="base", steps=40_000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9999,
                     lr_decay="none")},
     "cd": {
-        "fast": dict(steps=2, batch_size=4, times_per_batch=2, lr=1e-4, ema_decay=0.9),
-        "cpu": dict(steps=1200, batch_size=32, times_per_batch=4, lr=1e-4, ema_decay=0.99),
-        "gpu": dict(steps=20_000, batch_size=256, times_per_batch=8, lr=4e-4, ema_decay=0.9999)},
+        "fast": dict(steps=2, batch_size=4, lr=1e-4, warmup_steps=1, ema_decay=0.9),
+        "cpu": dict(steps=1200, batch_size=32, lr=1e-4, warmup_steps=100, ema_decay=0.99),
+        "gpu": dict(steps=20_000, batch_size=256, lr=4e-4, warmup_steps=1000, ema_decay=0.9999)},
     "pixel_metrics": {  # FD-clf and class accuracy of the two pixel stages' exports
         "fast": dict(n_samples=8), "cpu": dict(n_samples=1000), "gpu": dict(n_samples=2000)},
     # what a notebook trains when the shipped checkpoint is absent (recipes.cifar_teacher / cifar_cd_student)
@@ -82,9 +87,9 @@ SIZES = {
         "cpu": dict(size="tiny", steps=200, batch_size=64, lr=1e-3, warmup_steps=50, ema_decay=0.995),
         "gpu": dict(size="base", steps=20_000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9999)},
     "cifar_cd_student": {
-        "fast": dict(steps=4, batch_size=8, times_per_batch=2, lr=1e-4, ema_decay=0.9),
-        "cpu": dict(steps=40, batch_size=32, times_per_batch=4, lr=1e-4, ema_decay=0.99),
-        "gpu": dict(steps=20_000, batch_size=256, times_per_batch=8, lr=4e-4, ema_decay=0.9999)},
+        "fast": dict(steps=4, batch_size=8, lr=1e-4, warmup_steps=1, ema_decay=0.9),
+        "cpu": dict(steps=40, batch_size=32, lr=1e-4, warmup_steps=10, ema_decay=0.99),
+        "gpu": dict(steps=20_000, batch_size=256, lr=4e-4, warmup_steps=1000, ema_decay=0.9999)},
 }
 
 

@@ -22,52 +22,31 @@ when no GPU was available (named as such in the metadata); ``fast`` a smoke test
 """
 from __future__ import annotations
 
-import copy
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from .catalog import STAGE_NAMES
-from .checkpoints import (CheckpointError, atomic_write, content_hash, default_export, resolve, save_model,
-                          staged_folder, strip_machine_paths, write_meta)
-from .datasets import CIFAR10_CLASSES, cifar10
-from .diffusion import DenoisingLoss
+from .checkpoints import save_model, staged_folder, write_meta
+from .datasets import cifar10
 from .errors import InputError
-from .evaluator import (EVALUATOR_NAME, REFERENCE_STATS, ClassifierLoss, Evaluator, EvaluatorNet, accuracy,
-                        feature_stats, features)
-from .guidance import TextConditioning
-from .latents import AutoencoderLoss, LatentSet, decode, encode, measure_scaling_factor
-from .lcm import LatentConsistencyDistillation, lcm_student
+from .evaluator import (EVALUATOR_NAME, REFERENCE_STATS, ClassifierLoss, EvaluatorNet, accuracy, feature_stats,
+                        features)
+from .exports import Trained, export_target, provenance, sample_metrics, tail_mean, teacher_record
+from .latent_stages import (build_autoencoder, build_lcm, build_minisd, export_autoencoder, export_lcm,
+                            export_minisd, measure_autoencoder)
 from .metrics import frechet_distance
-from .minisd import LCM_NAME, MINISD_NAME, MiniSD
-from .models.sd import (CAPTION_TEMPLATES, assemble_pipeline, build_tokenizer, class_caption_table, encode_prompts,
-                        minisd_unet, minisd_vae, sd_scheduler, tiny_text_encoder)
+from .minisd import LCM_NAME, MINISD_NAME
 from .profiles import sizes
-from .exports import export_target, provenance, sample_metrics, teacher_record
 from .recipes import CD_NAME, TEACHER_NAME, CifarCDRecipe, CifarTeacherRecipe, cifar_cd_student, cifar_teacher
-from .schedules import Schedule
 from .train import TrainConfig, train
 from .zoo import load_model_folder
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
-@dataclass
-class Trained:
-    """What a stage's builder returns: the model to export, how it trained, and the stage's own metadata keys."""
-
-    model: object
-    steps: int
-    batch_size: int
-    seconds: float              # the training loop's wall clock (train.TrainResult.seconds)
-    meta: dict
-    extra: dict = field(default_factory=dict)  # what the export and the measurement need besides the model
-
-
 @dataclass(frozen=True)
 class Stage:
     """One stage: ``build(out, device, progress, sizes, **kw) -> Trained``; ``export(trained, folder, meta)``
@@ -103,36 +82,6 @@ def run_stage(stage: Stage, out: str | Path | None = None, device: str = "cpu", 
         stage.export(t, tmp, meta)
         write_meta(tmp, meta)
     return {**meta, "exported_to": str(target)}
-
-
-def _tail_mean(losses, k: int = 100) -> float:
-    """The mean of the last k losses: the ``final_loss`` the stages record."""
-    return sum(losses[-k:]) / max(1, len(losses[-k:]))
-
-
-def _save_diffusers(model, folder: Path) -> None:
-    """save_pretrained in fp16 (the shipped size), leaving the in-memory model untouched."""
-    copy.deepcopy(model).to(torch.float16).save_pretrained(str(folder))
-    strip_machine_paths(folder)  # no absolute path of this machine in a config that may be committed
-
-
-def latent_cache(vae_folder: Path, n: int, encode_fn) -> torch.Tensor:
-    """CIFAR-10 train latents (the first ``n`` of a seeded subset, then their mirror images), cached under
-    ``runs/cache`` keyed by the autoencoder's weights and the subset: another autoencoder never reuses them.
-    ``encode_fn(images, flip) -> latents``. Written atomically by whichever stage computes it first."""
-    train_set = cifar10("train")
-    key = content_hash(vae_folder)[:16]
-    cache = Path("runs") / "cache" / f"minisd-latents-{key}-n{n}-seed0.pt"
-    if cache.exists():
-        try:
-            return torch.load(cache, weights_only=True)
-        except Exception:  # an unreadable cache is rebuilt
-            cache.unlink(missing_ok=True)
-    part = train_set.subset(n) if n < len(train_set) else train_set
-    z = torch.cat([encode_fn(part.images, False), encode_fn(part.images, True)])  # hflip augmentation
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda tmp: torch.save(z, tmp))
-    return z
 
 
 # ---- stage 1: the evaluator ---------------------------------------------------------------------------
@@ -178,124 +127,6 @@ def _export_evaluator(t: Trained, folder: Path, meta: dict) -> None:
     np.savez(folder / REFERENCE_STATS, mu=mu, sigma=sigma)
 
 
-# ---- stages 2-4: the mini Stable Diffusion of Chapter 5 -------------------------------------------------
-def _build_autoencoder(out, device, progress, s) -> Trained:
-    """Train the mini-SD AutoencoderKL (f = 4) on CIFAR-10, round it to fp16 as it ships, and set the latent
-    scaling factor it is saved with (1 / std of its latents, LDM App. D.1)."""
-    steps, batch = s["steps"], s["batch_size"]
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=min(100, steps // 10), lr_decay="cosine",
-                      ema_decay=0.999, amp_cpu=True, device=device, ckpt_dir=f"runs/autoencoder-{s['size']}-{steps}",
-                      ckpt_every=max(50, steps // 20), progress=progress, desc="mini-SD autoencoder")
-    train_set, test_set = cifar10("train"), cifar10("test")
-    vae = minisd_vae(s["size"]).to(memory_format=torch.channels_last)
-    res = train(vae, AutoencoderLoss(), train_set, cfg)
-    vae = res.ema.float().to(memory_format=torch.contiguous_format)
-    vae = vae.to(torch.float16).float()  # measure what ships (fp16 weights)
-    z = encode(vae, train_set.subset(10_000).images)  # a random subset: the archive is sorted by class
-    vae.register_to_config(scaling_factor=measure_scaling_factor(z))
-    return Trained(vae, steps, batch, res.seconds, {"size": s["size"]}, {"test_set": test_set, "z": z})
-
-
-def _measure_autoencoder(t: Trained, folder, device) -> dict:
-    """Reconstruction PSNR / MSE on 2,000 test images, the latent shape, and FD-clf of reconstructions."""
-    vae, z, test_set = t.model, t.extra["z"], t.extra["test_set"]
-    x = test_set.subset(2000).images
-    rec = decode(vae, encode(vae, x))
-    mse = ((rec.clamp(-1, 1) - (x.float() / 127.5 - 1)) ** 2).mean().item()
-    psnr = 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # peak-to-peak 2 on [-1, 1]
-    metrics = {"test_psnr_db": round(psnr, 2), "test_mse": round(mse, 5),
-               "scaling_factor": round(vae.config.scaling_factor, 5), "latent_shape": list(z.shape[1:]),
-               "compression": 3 * 32 * 32 / z[0].numel(), "params": sum(p.numel() for p in vae.parameters())}
-    try:
-        ev = Evaluator.load()
-        metrics["fd_clf_reconstructions_10k"] = round(ev.fd(decode(vae, encode(vae, test_set.images))), 3)
-    except Exception as e:  # the evaluator stage has not run yet
-        metrics["fd_clf_reconstructions_10k"] = f"not measured ({type(e).__name__})"
-    return metrics
-
-
-def _export_autoencoder(t: Trained, folder: Path, meta: dict) -> None:
-    _save_diffusers(t.model, folder)
-    unet = folder.parent / "unet"
-    if unet.exists():
-        print(f"note: {unet} was trained on the previous autoencoder's latents: retrain it with "
-              f"`minilcm train minisd --out {folder.parent}`")
-
-
-def _build_minisd(out, device, progress, s) -> Trained:
-    """The mini-SD teacher: a UNet2DConditionModel on the autoencoder's CIFAR-10 latents, conditioned on class
-    captions through a frozen, randomly initialised CLIP text encoder, with 10% caption dropout (CFG), assembled
-    into a StableDiffusionPipeline with the autoencoder stage's vae/."""
-    if not (out / "vae").exists():
-        raise CheckpointError(f"{out / 'vae'} is missing: run `minilcm train autoencoder"
-                              f"{'' if out == default_export(MINISD_NAME) else ' --out ' + str(out)}` first")
-    vae = AutoencoderKL.from_pretrained(str(out / "vae"), dtype=torch.float32).eval()
-    sf = vae.config.scaling_factor
-    tok = build_tokenizer()
-    te = tiny_text_encoder(tok, hidden=64, seed=0)  # frozen at its random initialisation (see Chapter 5)
-    caps = encode_prompts(tok, te, class_caption_table())
-    caps = caps.reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *caps.shape[1:])  # (10, 4, L, D)
-    empty = encode_prompts(tok, te, [""])[0]
-    size, steps, batch = s["size"], s["steps"], s["batch_size"]
-    train_set = cifar10("train")
-    n = s["n_train"] or len(train_set)
-    z = latent_cache(out / "vae", n, lambda x, flip: encode(vae, x, scaling_factor=sf, flip=flip))
-    part = train_set.subset(n) if n < len(train_set) else train_set
-    data = LatentSet(z, part.labels.repeat(2), caps)
-    unet = minisd_unet(size, cross_attention_dim=te.config.hidden_size, sample_size=z.shape[-1])
-    loss = DenoisingLoss(Schedule("scaled_linear"), cond_drop=0.1, conditioning=TextConditioning(empty))
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(200, steps // 10),
-                      lr_decay="cosine", ema_decay=s["ema_decay"], amp_cpu=False, device=device,
-                      ckpt_dir=f"runs/minisd-{size}-{steps}-{content_hash(out / 'vae')[:8]}",
-                      ckpt_every=max(50, steps // 30), progress=progress, desc="mini-SD teacher UNet")
-    res = train(unet, loss, data, cfg)
-    pipe = assemble_pipeline(res.ema.eval(), vae, te, tok, sd_scheduler("ddim"))
-    vae_meta = json.loads((out / "vae" / "meta.json").read_text()) if (out / "vae" / "meta.json").exists() else {}
-    meta = {"unet_size": size, "unet_params": sum(p.numel() for p in unet.parameters()),
-            "text_encoder": "CLIPTextModel (2 layers, 64 wide), random init, frozen", "captions": CAPTION_TEMPLATES,
-            "cond_drop": 0.1, "schedule": "scaled_linear", "final_loss": round(_tail_mean(res.losses), 5)}
-    return Trained(pipe, steps, batch, res.seconds, meta, {"vae_meta": vae_meta})
-
-
-def _export_minisd(t: Trained, folder: Path, meta: dict) -> None:
-    _save_diffusers(t.model, folder)  # the whole pipeline, vae/ included: keep the vae's own metadata
-    write_meta(folder / "vae", t.extra["vae_meta"])
-
-
-def _build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Trained:
-    """Latent consistency distillation (Luo et al. 2023, Algorithm 1) of the mini-SD teacher into a w-conditioned
-    student (``lcm.lcm_student``: the teacher's UNet copied, a zero-initialised w input added), on the cached
-    CIFAR-10 latents with the class captions."""
-    sd = MiniSD.load(teacher, device="cpu")
-    record = teacher_record(teacher)
-    train_set = cifar10("train")
-    n = s["n_train"] or len(train_set)
-    part = train_set.subset(n) if n < len(train_set) else train_set
-    z = latent_cache(resolve(teacher) / "vae", n, lambda x, flip: sd.encode(x.flip(3) if flip else x))
-    caps = sd.embed(class_caption_table()).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
-    data = LatentSet(z, part.labels.repeat(2), caps)
-    w_min, w_max, k = 0.0, 4.0, 20
-    student = lcm_student(sd.unet, sd.schedule, w_dim=256)
-    loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,
-                                         mu=0.95)
-    steps, batch = s["steps"], s["batch_size"]
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(50, steps),
-                      ema_decay=s["ema_decay"], device=device, amp=False,
-                      ckpt_dir=f"runs/lcm-{steps}-{record['teacher_sha256'][:8]}", ckpt_every=max(50, steps // 30),
-                      progress=progress, desc="LCD of the mini-SD")
-    res = train(student, loss, data, cfg)
-    meta = {**record, "k": k, "w_min": w_min, "w_max": w_max, "mu": 0.95,
-            "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
-            "w_dim": 256, "distance": "pseudo_huber", "final_loss": round(_tail_mean(res.losses), 6)}
-    return Trained(res.ema.net, steps, batch, res.seconds, meta)
-
-
-def _export_lcm(t: Trained, folder: Path, meta: dict) -> None:
-    _save_diffusers(t.model, folder / "unet")
-    sd_scheduler("lcm").save_pretrained(str(folder / "scheduler"))
-    strip_machine_paths(folder)
-
-
 # ---- stages 5-6: the pixel-space CIFAR-10 models of Chapters 1-4 ------------------------------------------
 def _build_ddpm(out, device, progress, s) -> Trained:
     """The Chapters 1-4 pixel DDPM teacher (``recipes.cifar_teacher``: a class-conditional UNet2DModel in
@@ -305,7 +136,7 @@ def _build_ddpm(out, device, progress, s) -> Trained:
                                 ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}")
     meta = {"schedule": recipe.schedule, "recipe": dict(vars(recipe)),
             "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": round(_tail_mean(info["losses"]), 5)}
+            "final_loss": round(tail_mean(info["losses"]), 5)}
     return Trained(model, recipe.steps, recipe.batch_size, info["seconds"], meta)
 
 
@@ -320,7 +151,7 @@ def _build_cd(out, device, progress, s, teacher: str | Path = TEACHER_NAME) -> T
     recipe = CifarCDRecipe(**s)
     student, info = cifar_cd_student(recipe, teacher=t.model.float(), use_shipped=False, device=device,
                                      progress=progress, ckpt_dir=f"runs/cd-{recipe.steps}-{record['teacher_sha256'][:8]}")
-    meta = {**record, "recipe": dict(vars(recipe)), "final_loss": round(_tail_mean(info["losses"]), 6)}
+    meta = {**record, "recipe": dict(vars(recipe)), "final_loss": round(tail_mean(info["losses"]), 6)}
     return Trained(student, recipe.steps, recipe.batch_size, info["seconds"], meta)
 
 
@@ -337,9 +168,9 @@ def _pixel_metrics(runs: list[tuple[str, int]], w: float) -> Callable:
 
 STAGES = {s.name: s for s in (
     Stage("evaluator", EVALUATOR_NAME, _build_evaluator, _export_evaluator, _measure_evaluator),
-    Stage("autoencoder", MINISD_NAME, _build_autoencoder, _export_autoencoder, _measure_autoencoder, sub="vae"),
-    Stage("minisd", MINISD_NAME, _build_minisd, _export_minisd),
-    Stage("lcm", LCM_NAME, _build_lcm, _export_lcm),
+    Stage("autoencoder", MINISD_NAME, build_autoencoder, export_autoencoder, measure_autoencoder, sub="vae"),
+    Stage("minisd", MINISD_NAME, build_minisd, export_minisd),
+    Stage("lcm", LCM_NAME, build_lcm, export_lcm),
     Stage("ddpm", TEACHER_NAME, _build_ddpm, _export_pixel, _pixel_metrics([("dpm_solver_pp", 25), ("ddim", 25)], 1.0),
           measure_export=True),
     Stage("cd", CD_NAME, _build_cd, _export_pixel, _pixel_metrics([("cm", 1), ("cm", 2)], 0.0), measure_export=True),

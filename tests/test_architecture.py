@@ -21,7 +21,7 @@ LAYERS = {
     2: ["consistency", "ict", "lcm"],
     3: ["latents", "evaluator", "viz"],
     4: ["samplers", "minisd", "zoo"],
-    5: ["stages", "exports", "recipes", "solver_bench", "sd"],
+    5: ["stages", "latent_stages", "exports", "recipes", "solver_bench", "sd"],
     6: ["generate", "bench", "commands", "cli", "notebook", "__init__"],
 }
 LAYER_OF = {m: k for k, ms in LAYERS.items() for m in ms}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, LCMScalings, _solve_per_time,
+from minilcm.consistency import (CMScalings, ConsistencyDistillation, ConsistencyModel, LCMScalings,
                                  cm_sample, cm_timesteps, ddim_solver, paired_forward, pseudo_huber)
 from minilcm.ict import ConsistencyTraining, ict_discretisation, ict_weight, lognormal_index_probs
 from minilcm.diffusion import TeacherRegression
@@ -23,7 +23,7 @@ from minilcm.diffusion import eps_to_x0
 from minilcm.metrics import sliced_wasserstein
 from minilcm.models import MLPDenoiser
 from minilcm.schedules import Schedule
-from minilcm.sde import heun_step
+from minilcm.sde import euler_step, heun_step
 from minilcm.solvers import ddim, ddim_step
 from minilcm.train import TrainConfig, train
 
@@ -188,16 +188,33 @@ def test_paired_forward_shares_dropout_masks():
     assert target.training and torch.equal(o, tg) and o.requires_grad and not tg.requires_grad
 
 
-def test_grouped_teacher_step_equals_row_by_row():
+def test_batched_teacher_step_equals_row_by_row():
     x = torch.randn(12, 2)
     ts = cm_timesteps(SCH, 18)
     n = torch.tensor([0, 5, 5, 17, 3, 0, 17, 9, 9, 9, 1, 12])
-    out = _solve_per_time(heun_step, ORACLE, x, SCH, ts[n + 1], ts[n], {})
-    for i in range(12):
-        want = heun_step(ORACLE, x[i:i + 1], SCH, ts[n[i] + 1].item(), ts[n[i]].item())
-        torch.testing.assert_close(out[i:i + 1], want, rtol=1e-6, atol=1e-6)
+    for solver in (heun_step, euler_step, ddim_solver):  # one batched call with per-row times = one call per row
+        out = solver(ORACLE, x, SCH, ts[n + 1], ts[n], {})
+        for i in range(12):
+            want = solver(ORACLE, x[i:i + 1], SCH, ts[n[i] + 1].item(), ts[n[i]].item(), {})
+            torch.testing.assert_close(out[i:i + 1], want, rtol=1e-6, atol=1e-6, msg=solver.__name__)
     eps = ORACLE(x, torch.full((12,), 500.0))
     torch.testing.assert_close(ddim_solver(ORACLE, x, SCH, 500.0, 300.0), ddim_step(SCH, x, 500.0, 300.0, eps))
+
+
+def test_cd_calls_the_teacher_once_per_step_with_iid_times():
+    """CD's teacher sees the whole batch at once (2 calls for Heun), at per-row i.i.d. grid times."""
+    calls = []
+
+    class Spy(OracleEps):
+        def forward(self, x, t, class_labels=None):
+            calls.append(t.clone())
+            return super().forward(x, t, class_labels)
+
+    student = ConsistencyModel(EDMPrecond(MLPDenoiser(hidden=16, depth=1), SCH), SCH)
+    loss = ConsistencyDistillation(Spy(MIX, SCH), student, N=18, mu=0.9, solver=heun_step)
+    loss(student, MIX.sample(64, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
+    assert len(calls) == 2 and all(len(t) == 64 for t in calls)
+    assert len(torch.unique(calls[0])) > 12  # 64 i.i.d. draws from 18 grid times: not a few shared blocks
 
 
 def test_cd_target_ema_labels_and_checkpoint_without_teacher():
@@ -257,8 +274,7 @@ def cd_student():
     net = EDMPrecond(MLPDenoiser(hidden=128, depth=3), SCH, sigma_data=0.5)
     train(net, TeacherRegression(ORACLE, SCH), MIX, TrainConfig(steps=1500, batch_size=256, lr=2e-3, progress=False))
     student = ConsistencyModel(net, SCH, CMScalings(0.5))
-    loss = ConsistencyDistillation(ORACLE, student, N=18, mu=0.95, solver=heun_step, times_per_batch=6,
-                                   weight=ict_weight)
+    loss = ConsistencyDistillation(ORACLE, student, N=18, mu=0.95, solver=heun_step, weight=ict_weight)
     res = train(student, loss, MIX, TrainConfig(steps=1500, batch_size=256, lr=1e-3, ema_decay=0.99, progress=False))
     return res.ema.eval(), loss.timesteps.tolist(), time.process_time() - c0
 
@@ -316,7 +332,7 @@ def test_cifar_cd_recipe_trains_checkpoints_and_loads_when_shipped(cifar_archive
     monkeypatch.setenv("MINILCM_CIFAR", str(cifar_archive))
     monkeypatch.setattr(ckpts, "SHIPPED_DIR", tmp_path / "shipped")  # no shipped student: distil here
     teacher = cifar_unet("tiny", num_classes=10).eval()
-    student, info = cifar_cd_student(CifarCDRecipe(steps=2, batch_size=4, times_per_batch=2), teacher=teacher,
+    student, info = cifar_cd_student(CifarCDRecipe(steps=2, batch_size=4), teacher=teacher,
                                      ckpt_dir=str(tmp_path / "run"), progress=False)
     assert info["source"] == "trained here" and len(info["losses"]) == 2 and not student.training
     x = torch.randn(2, 3, 32, 32)

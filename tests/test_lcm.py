@@ -111,7 +111,7 @@ def test_student_starts_as_the_teacher_for_every_w(kind, sd):
     else:
         teacher = tiny_unet()
         x, cond = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 5, 16)}
-    student = lcm_student(teacher, sd, w_dim=W_DIM)
+    student = lcm_student(teacher, sd, w_dim=W_DIM, w_init="zero")
     assert student.net is not teacher and student.scaling == LCMScalings()
     t = torch.tensor([999.0, 259.0] * (x.shape[0] // 2))
     with torch.no_grad():

@@ -9,8 +9,8 @@ Nothing here re-implements the method: the loss, the augmented PF-ODE solver ste
 scalings are ``minilcm.lcm`` / ``minilcm.consistency`` (Chapter 5).
 
 mode="full"  (Luo et al. 2023, arXiv 2310.04378, Sec. 4): the student is a copy of the teacher UNet with a
-             zero-initialised w input (``lcm_student``), trained with w ~ U[w_min, w_max]; the exported pipeline
-             uses the target network theta- (the EMA of Algorithm 1).
+             w input added (``lcm_student``: randomly initialised, as in the reference script), trained with
+             w ~ U[w_min, w_max]; the exported pipeline uses the target network theta- (the EMA of Algorithm 1).
 mode="lora"  (LCM-LoRA, Luo et al. 2023b, arXiv 2311.05556): the student is the teacher's own UNet plus LoRA
              adapters (peft) at one fixed w; the teacher is the same UNet with its adapters switched off, and the
              target is the online student without gradients, so the GPU holds ONE UNet. The targeted layers are

@@ -209,8 +209,7 @@ train(cd_net, TeacherRegression(oracle, sch), mix, TrainConfig(steps=CD_PRE, bat
                                                                desc="copy the oracle"))
 cd_init = ConsistencyModel(copy.deepcopy(cd_net), sch, CMScalings(0.5)).eval()  # before distillation
 cd_student = ConsistencyModel(cd_net, sch, CMScalings(0.5))
-cd_loss = ConsistencyDistillation(oracle, cd_student, N=18, mu=0.95, solver=heun_step, times_per_batch=6,
-                                  weight=ict_weight)
+cd_loss = ConsistencyDistillation(oracle, cd_student, N=18, mu=0.95, solver=heun_step, weight=ict_weight)
 cd_res = train(cd_student, cd_loss, mix, TrainConfig(steps=CD_STEPS, batch_size=256, lr=1e-3, ema_decay=0.99,
                                                      desc="CD"))
 cd = cd_res.ema.eval()
@@ -218,9 +217,8 @@ print(f"CD: {CD_PRE} + {CD_STEPS} steps in {time.process_time() - c0:.1f} s of C
       f" grid t_n = {[round(v) for v in cd_loss.timesteps.tolist()]}")
 
 # %% [markdown]
-# `times_per_batch=6`: the teacher's one-step solvers take one time per call, so a batch whose rows sit at 18
-# different grid times costs 18 (Heun: 36) teacher calls. Six grid indices per batch, each shared by a block of
-# rows, cut that to 12 and train as well per second of CPU here.
+# Each row of the batch draws its own grid index n, as in the paper's Algorithm 2, and the teacher's one-step
+# solvers take per-row times: the Heun step is two batched teacher calls however many grid times the batch holds.
 #
 # How self-consistent did the student become? Apply it to the marked trajectory points from above.
 
