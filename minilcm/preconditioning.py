@@ -28,7 +28,7 @@ class EDMPrecond(nn.Module):
 
     c_skip = sigma_data^2 / (s^2 + sigma_data^2), c_out = s sigma_data / sqrt(s^2 + sigma_data^2),
     c_in = 1 / sqrt(s^2 + sigma_data^2). Why: a plain eps-net's x0-estimate (x_t - sigma_t eps) / alpha_t
-    multiplies its errors by sigma_t / alpha_t (158 at t = 999 of the linear schedule), fatal for a one-step
+    multiplies its errors by sigma_t / alpha_t (157.4 at t = 999 of the linear schedule), fatal for a one-step
     model trained from scratch; here raw's output has unit scale at every t. The skip acts on x_t, as in
     :class:`CMScalings`, so ``ConsistencyModel(EDMPrecond(raw, schedule, sd), schedule, CMScalings(sd))`` is
     exactly Song et al. 2023's f = c_skip x_t + c_out raw(...) (tests/test_consistency.py checks it).

@@ -266,7 +266,7 @@ assert accuracy > 0.9
 # **One engineering detail that matters.** The teacher is not a bare eps-network: it is wrapped in EDM's
 # preconditioning (`minilcm.preconditioning.EDMPrecond`, Karras et al. 2022) and trained with the SNR+1 weighting, which is
 # the v-prediction loss (`DenoisingLoss(weighting="snr+1")`). Why: the x0-estimate of an eps-model,
-# $(x_t - \sigma_t \hat\epsilon)/\alpha_t$, multiplies the network's error by $\sigma_t/\alpha_t$, which is 156 at $t = 999$ of
+# $(x_t - \sigma_t \hat\epsilon)/\alpha_t$, multiplies the network's error by $\sigma_t/\alpha_t$, which is 157 at $t = 999$ of
 # the linear schedule. A bare eps-UNet trained for 2,100 CPU steps had an x0-estimate error of standard deviation 6.9 at
 # $t = 999$ (the images have 0.5), and every sampler drifted to saturated colour fields. The preconditioned network
 # outputs a correction of unit scale at every $t$, so its x0-estimate never explodes. Big models trained for long learn

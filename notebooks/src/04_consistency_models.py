@@ -193,7 +193,7 @@ assert spread_f < 0.02 and spread_d > 0.5, "points of one trajectory share one e
 # makes $f(\cdot, t_1)$ right, and so on up the grid.
 #
 # **The student's parameterisation matters.** An eps-network's $\hat x_0 = (x_t - \sigma_t\epsilon)/\alpha_t$
-# multiplies its errors by $\sigma_t/\alpha_t$ — that is 158 at $t = 999$. A copy of a well-trained teacher copes (LCM
+# multiplies its errors by $\sigma_t/\alpha_t$ — that is 157 at $t = 999$. A copy of a well-trained teacher copes (LCM
 # distils Stable Diffusion that way), but a small MLP trained from scratch cannot reach one-step accuracy. So the
 # 2-D student is an `EDMPrecond` eps-model: a raw MLP wrapped in EDM's preconditioning, which under the CM form is
 # *exactly* Song et al.'s $f_\theta = c_\text{skip} x + c_\text{out}\,\mathrm{MLP}(c_\text{in} x/\alpha, t)$.

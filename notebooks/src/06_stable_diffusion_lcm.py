@@ -104,8 +104,8 @@ assert 0.05 < lora_frac < 0.1  # ~67M trainable (the LCM-LoRA paper's 67.5M for 
 
 # %% [markdown]
 # **Memory follows the counts.** A full LCD run holds three UNets — the frozen teacher, the online student and
-# its EMA target $\theta^-$ — plus AdamW's two moments for the student: at fp32 that is
-# 860M × (4 + 4 + 4 + 8) bytes ≈ 17 GB before a single activation, which is why the teacher runs in bf16,
+# its EMA target $\theta^-$ — plus the student's fp32 gradients and AdamW's two moments: at fp32 that is
+# 860M × (4 + 4 + 4 + 4 + 8) bytes ≈ 20.6 GB before a single activation, which is why the teacher runs in bf16,
 # 8-bit Adam (`--use-8bit-adam`) halves the moments, and gradient checkpointing trades compute for activation
 # memory. **LCM-LoRA** needs ONE UNet: the teacher is the same UNet with its adapters switched off, and the target
 # is the online student without gradients (the LCM-LoRA script's choice, μ = 0); only the 67M adapter weights
@@ -139,8 +139,8 @@ assert reference / ours > 1.15
 
 # %% [markdown]
 # So caching latents and text states (our data path does it once, before training) removes ~20% of the
-# arithmetic of a step. The rest of the speed-up we measure in Section 5 comes from the teacher's weights in
-# bf16 and its conditional and unconditional passes **fused into one batched call** (`minilcm.guidance.guided_eps`).
+# arithmetic of a step. The rest of the speed-up that Section 6 sets out to measure (its GPU row is still pending)
+# would come from the teacher's weights in bf16 and its conditional and unconditional passes **fused into one batched call** (`minilcm.guidance.guided_eps`).
 #
 # ## 2. The data: image–caption pairs, encoded once
 #
@@ -333,8 +333,9 @@ for name, cmd in commands.items():
     assert kw["mode"] in name.lower() or (kw["mode"] == "full" and "full" in name)
 
 # %% [markdown]
-# The global batch is 12 per GPU × 8 = 96. Steps and learning rates are the reference scripts' README values
-# (full: 1e-6; LoRA: 1e-4). The cache is written once by the main process and read by the others.
+# The global batch is 12 per GPU × 8 = 96. The learning rates are the reference scripts' README values (full: 1e-6;
+# LoRA: 1e-4); the step counts are the course's choice (the LoRA commands use 4,000 steps where the reference README
+# uses 1,000). The cache is written once by the main process and read by the others.
 #
 # ## 6. Measured throughput: our LCD step against the reference script
 #

@@ -186,8 +186,10 @@ plt.show()
 # * **ms / image**: a teacher evaluation under CFG carries 2B rows, a student evaluation B rows; the VAE decoder
 #   and the text encoder add the same cost to every row. So the speed-up of LCM-4 over DPM-Solver++-25 is below the
 #   network-only ratio (25 x 2) / (4 x 1) = 12.5.
-# * **The reference rows**: no sampler can beat the FD-clf of real images at the same N (that is the small-N floor),
-#   and no latent model can beat its own decoder (the VAE reconstruction row).
+# * **The reference rows**: real images give the small-N floor of FD-clf. It is a loose floor: those test images are
+#   inside the reference statistics, so the row is optimistic for images the statistics have not seen. The VAE
+#   reconstruction row is a heuristic ceiling for the latent models, not a bound: a latent model could in principle
+#   produce latents that decode better than the encoder's.
 # * **The pixel block** is a different pair of models: a 1.1M-parameter UNet in pixel space trained on the CPU
 #   (Chapter 1) and its consistency-distilled student (Chapter 4). Read its rows against each other, not against the
 #   mini-SD's. Its speed-ups are against its own teacher's DPM-Solver++ at 25 steps. The CD student samples
