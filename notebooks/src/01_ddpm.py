@@ -223,9 +223,10 @@ trajectories([p[:40] for p in out.trajectory[::10]], axes[3], title="40 paths (e
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# The samples sit on the 8 blobs. The numbers say the same: the **sliced Wasserstein distance** (the average, over random
-# directions, of the 1-D optimal-transport distance between projections) from samples to data is far below that of the
-# initial noise, and near the floor set by two independent draws of real data.
+# The samples gather around the ring of 8 blobs, with some mass left between the blobs: a small MLP trained for a
+# minute blurs them. The numbers say the same: the **sliced Wasserstein distance** (the average, over random
+# directions, of the 1-D optimal-transport distance between projections) from samples to data, 0.093, is far below
+# that of the initial noise (0.301), but above the floor set by two independent draws of real data (0.067).
 
 # %%
 assert d_samples < 0.5 * d_noise, "the samples should be much closer to the data than the noise is"

@@ -181,7 +181,8 @@ assert spread_f < 0.02 and spread_d > 0.5, "points of one trajectory share one e
 #
 # * $\Phi$ is **one ODE step of the teacher**: any solver with the signature `step(model, x, schedule, t, s)` —
 #   `sde.heun_step` (2nd order, Song et al.'s choice) or `consistency.ddim_solver` (LCM's). With $N = 18$, Heun
-#   is nearly exact on the oracle; DDIM's first-order error would be distilled into the student.
+#   is second order, far more accurate per interval than DDIM, though not exact on 18 coarse intervals; whatever
+#   error the teacher's step makes is distilled into the student, and DDIM's first-order error is the larger.
 # * $\theta^-$ is a **target network**, an EMA of $\theta$ updated after each optimizer step
 #   ($\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta$, $\mu = 0.95$; the loss's `after_step`). It runs in the online
 #   network's train/eval mode *and* replays the online forward's random state, so both see the **same dropout
@@ -251,9 +252,9 @@ assert err_learn < 0.5 * err_init
 #   $P_\text{mean} = -1.1$, $P_\text{std} = 2$.
 #
 # iCT's $s_1 = 1280$ is tuned for 400,000 iterations. With a few thousand, the last doublings get too few steps each
-# and the model degrades while it adapts (on this mixture, at 2,000 steps, we measured a one-step distance of 0.28
-# with $s_1 = 1280$ and 0.09 with $s_1 = 320$ and half the learning rate), so this notebook stops the curriculum at
-# $s_1 = 320$. `tests/test_consistency.py` trains with the defaults.
+# and the model degrades while it adapts (in an exploratory run on this mixture, not repeated in this notebook, 2,000
+# steps with $s_1 = 1280$ gave a one-step distance several times that of $s_1 = 320$ with half the learning rate), so
+# this notebook stops the curriculum at $s_1 = 320$. `tests/test_consistency.py` trains with the defaults.
 
 # %%
 CT_STEPS, CT_S1 = pick(fast=600, cpu=2000, gpu=6000), 320
