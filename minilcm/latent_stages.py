@@ -52,6 +52,12 @@ def latent_cache(vae_folder: Path, n: int, encode_fn) -> torch.Tensor:
     return z
 
 
+def _provenance_of(folder: Path, meta_json: Path) -> dict:
+    """What a stage started from with ``--init``: the folder, and that checkpoint's steps, date and commit."""
+    old = json.loads(meta_json.read_text()) if meta_json.exists() else {}
+    return {"from": str(folder), **{k: old.get(k) for k in ("steps", "images_seen", "date", "git_commit")}}
+
+
 def _init_folder(init, sub: str, file: str) -> Path:
     """The folder ``init`` names (a path, or a pipeline folder holding ``sub``/), checked for ``file``."""
     p = Path(init)
@@ -80,9 +86,7 @@ def build_autoencoder(out, device, progress, s, init=None) -> Trained:
         folder = _init_folder(init, "vae", "config.json")
         vae = AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32)
         tag = f"init-{content_hash(folder)[:8]}"
-        old = folder / "meta.json"
-        meta["phase1"] = {"init": str(folder), **({k: json.loads(old.read_text()).get(k) for k in
-                                                   ("steps", "images_seen", "date", "git_commit")} if old.exists() else {})}
+        meta["phase1"] = _provenance_of(folder, folder / "meta.json")
     dcfg = TrainConfig(steps=dsteps, batch_size=batch, lr=s["decoder_lr"], warmup_steps=min(50, dsteps // 10),
                        lr_decay="cosine", ema_decay=0.999, amp_cpu=True, device=device,
                        ckpt_dir=f"runs/autoencoder-decoder-{tag}-{dsteps}", ckpt_every=max(50, dsteps // 15),
@@ -162,9 +166,7 @@ def build_minisd(out, device, progress, s, init=None) -> Trained:
         folder = _init_folder(init, "unet", "config.json")
         unet = UNet2DConditionModel.from_pretrained(str(folder), dtype=torch.float32)
         tag = f"init-{content_hash(folder)[:8]}"
-        old = folder.parent / "meta.json"
-        meta["init"] = {"from": str(folder), **({k: json.loads(old.read_text()).get(k) for k in
-                                                ("steps", "images_seen", "date", "git_commit")} if old.exists() else {})}
+        meta["init"] = _provenance_of(folder, folder.parent / "meta.json")
     loss = DenoisingLoss(Schedule("scaled_linear"), cond_drop=0.1, conditioning=TextConditioning(empty))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(200, steps // 10),
                       lr_decay="cosine", ema_decay=s["ema_decay"], amp_cpu=False, device=device,
