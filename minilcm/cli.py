@@ -66,6 +66,8 @@ def _add_train(sub) -> None:
     t.add_argument("--teacher", default=None, help="lcm / cd stage: the teacher folder to distil (default: the shipped mini-SD / ddpm-cifar10)")
     t.add_argument("--init", default=None, help="autoencoder: start from this vae (or mini-SD pipeline) folder, "
                    "skip phase 1 and fine-tune its decoder; minisd: warm-start the UNet from this pipeline folder")
+    t.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the profile's)")
+    t.add_argument("--batch", type=int, default=None, metavar="B", help="batch size (default: the profile's)")
     t.set_defaults(fn="train_stage")
 
 

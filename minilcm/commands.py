@@ -115,7 +115,8 @@ def train_stage(args) -> int:
             raise InputError(f"--init is for the autoencoder and minisd stages, not {args.stage}")
         kw["init"] = args.init
     meta = stages.STAGES[args.stage](out=args.out, device=device_of(args), replace_shipped=args.replace_shipped,
-                                     progress=not args.quiet, **kw)
+                                     progress=not args.quiet,
+                                     overrides={"steps": args.steps, "batch_size": args.batch}, **kw)
     print(json.dumps(meta.get("metrics", {}), indent=1))
     print(f"exported to {meta['exported_to']}")
     return 0

@@ -62,17 +62,25 @@ class Stage:
     sub: str = ""               # export into <out>/<sub> (the autoencoder: vae/)
 
     def __call__(self, out=None, device: str = "cpu", progress: bool = True, replace_shipped: bool = False,
-                 **kw) -> dict:
-        return run_stage(self, out, device, progress, replace_shipped, **kw)
+                 overrides: dict | None = None, **kw) -> dict:
+        return run_stage(self, out, device, progress, replace_shipped, overrides, **kw)
 
 
 def run_stage(stage: Stage, out: str | Path | None = None, device: str = "cpu", progress: bool = True,
-              replace_shipped: bool = False, **kw) -> dict:
-    """Train, export, measure and describe one stage; returns the metadata written, with "exported_to"."""
+              replace_shipped: bool = False, overrides: dict | None = None, **kw) -> dict:
+    """Train, export, measure and describe one stage; returns the metadata written, with "exported_to".
+    ``overrides``: fields of the profile's size row replaced (``minilcm train --steps / --batch``), recorded."""
+    s = sizes(stage.name)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for k, v in overrides.items():
+        if k not in s:
+            raise InputError(f"the {stage.name} stage has no {k!r} setting (it has: {', '.join(sorted(s))})")
+        if not (isinstance(v, int) and v >= 1):
+            raise InputError(f"{k} must be a positive integer, got {v!r}")
     out = export_target(out, stage.checkpoint, replace_shipped)
-    t = stage.build(out, device, progress, sizes(stage.name), **kw)
+    t = stage.build(out, device, progress, {**s, **overrides}, **kw)
     meta = {"stage": stage.name, **t.meta, "steps": t.steps, "images_seen": t.steps * t.batch_size,
-            **provenance(t.seconds, device)}
+            **({"overrides": overrides} if overrides else {}), **provenance(t.seconds, device)}
     target = out / stage.sub if stage.sub else out
     with staged_folder(target) as tmp:  # weights, metrics and meta.json: one unit
         if stage.measure is not None:

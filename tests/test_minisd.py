@@ -1,3 +1,4 @@
+import json
 """Chapter 5's mini Stable Diffusion: the offline tokenizer, the pipeline round trip, the latent objective, the
 text-conditioned denoising loss, the evaluator's Fréchet distance, and the whole recipe end to end (fast profile)."""
 import math
@@ -149,9 +150,12 @@ def test_recipe_stages_run_end_to_end_and_the_student_reloads_identically(tmp_pa
     for stage in ("autoencoder", "minisd", "lcm"):
         out = tmp_path / ("lcm" if stage == "lcm" else "sd")
         args = [sys.executable, "-m", "minilcm.cli", "train", stage, "--out", str(out), "--device", "cpu"]
-        args += ["--teacher", str(tmp_path / "sd")] if stage == "lcm" else []
+        args += ["--teacher", str(tmp_path / "sd"), "--steps", "3", "--batch", "2"] if stage == "lcm" else []
         r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+    lcm_meta = json.loads((tmp_path / "lcm" / "meta.json").read_text())  # --steps / --batch replace the profile's
+    assert lcm_meta["overrides"] == {"steps": 3, "batch_size": 2}
+    assert lcm_meta["steps"] == 3 and lcm_meta["images_seen"] == 6
     from minilcm.minisd import MiniSD
     from minilcm.zoo import load_lcm_student
 
