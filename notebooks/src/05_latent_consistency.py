@@ -131,6 +131,16 @@ print("text states:", tuple(c.shape), "  empty prompt:", tuple(sd.empty.shape))
 # evaluates both terms in **one** batched call of $2B$ rows. The ODE that this guided eps drives is the
 # *augmented PF-ODE*; its DDIM step is `guidance.guided_ddim_step`. Let us check the fused call against two separate
 # calls, then look at what $w$ does to the teacher's samples.
+#
+# In equations (LCM, Luo et al. 2023, Eq. 8 and 9; $\alpha_t = \sqrt{\bar\alpha_t}$, $\sigma_t = \sqrt{1-\bar\alpha_t}$
+# as in the whole course), the augmented PF-ODE is the PF-ODE of Chapter 2 with the guided eps in place of eps:
+#
+# $$\frac{dz_t}{dt} = f(t)\,z_t + \frac{g^2(t)}{2\sigma_t}\,\hat\epsilon_w(z_t, c, t), \qquad
+#   \hat\epsilon_w = (1 + w)\,\epsilon_\theta(z_t, c, t) - w\,\epsilon_\theta(z_t, \varnothing, t),$$
+#
+# and one DDIM step of it from $t$ down to $s$ (the solver $\Psi$ of LCD) is
+#
+# $$\hat z_s = \alpha_s\,\hat x_0 + \sigma_s\,\hat\epsilon_w, \qquad \hat x_0 = \frac{z_t - \sigma_t\,\hat\epsilon_w}{\alpha_t}.$$
 
 # %%
 from minilcm.guidance import guided_eps
@@ -172,7 +182,8 @@ assert teacher_acc[3.0] > teacher_acc[0.0], "guidance should sharpen the classes
 # ## 3. The student's w input
 #
 # LCM gives $w$ to the student the way diffusers' UNet takes any extra scalar: a sinusoidal embedding (the same
-# formula as the timestep's) projected and added to the time embedding — `UNet2DConditionModel(time_cond_proj_dim=256)`
+# formula as the timestep's, $\mathrm{emb}(w)_j = \sin(1000w\,\omega_j)$ for the first half of the channels and
+# $\cos(1000w\,\omega_j)$ for the second, $\omega_j = 10000^{-j/(d/2-1)}$, $d = 256$) projected and added to the time embedding — `UNet2DConditionModel(time_cond_proj_dim=256)`
 # fed with `timestep_cond`. `lcm.lcm_student` copies the teacher and adds that projection. The reference script
 # leaves it at its random initialisation, and so does `lcm_student` by default (`w_init="random"`): the fresh student
 # already answers differently to different $w$, and training shapes that answer. With `w_init="zero"` the fresh
@@ -210,6 +221,17 @@ for init in ("zero", "random"):
 # 3. ask the student at $(z_{n+k}, t_{n+k})$ and the EMA target at $(\hat z_n, t_n)$ for the same origin, both
 #    told $w$; the loss is the pseudo-Huber distance between the two.
 #
+# As one formula (the paper's Eq. 10 with the skipping step of its Sec. 4.3, and the lowest grid time clamped to 0 as
+# the reference script does):
+#
+# $$\mathcal L_{\mathrm{LCD}}(\theta, \theta^-) = \mathbb E_{z_0, c, w, n}\Big[d\Big(f_\theta(z_{t_{n+k}}, w, c, t_{n+k}),\;
+#   f_{\theta^-}\big(\hat z^{\Psi, w}_{t_n}, w, c, t_n\big)\Big)\Big], \qquad t_n = \max(t_{n+k} - k,\, 0),$$
+#
+# with $f_\theta(z, w, c, t) = c_\mathrm{skip}(t)\,z + c_\mathrm{out}(t)\,\hat x_0^\theta(z, w, c, t)$ (Chapter 4's
+# boundary condition, $f_\theta(z, w, c, 0) = z$), $d(a, b) = \sqrt{\lVert a - b\rVert^2 + c^2} - c$ per sample, and
+# the target's weights an EMA of the student's, $\theta^- \leftarrow \mu\,\theta^- + (1 - \mu)\,\theta$ with
+# $\mu = 0.95$. What ships is $\theta^-$.
+#
 # Here are a few steps of it on CIFAR-10 latents (a handful in the `fast` profile). The shipped student ran the
 # same code for much longer (`minilcm train lcm`); its record is printed below.
 
@@ -245,8 +267,14 @@ print("shipped student:", {k: student.meta.get(k) for k in ("steps", "images_see
 # ## 5. Sampling: 1, 2 and 4 steps
 #
 # The LCM sampler (`lcm.lcm_sample`, Algorithm 3, equal to diffusers' `LCMScheduler`) jumps from noise to a
-# clean estimate, re-noises it to the next, lower timestep, and jumps again. CFG is baked in: each step is **one**
-# student evaluation of $B$ rows, where each teacher step costs $2B$. Same noise, same captions, side by side:
+# clean estimate, re-noises it to the next, lower timestep, and jumps again. For timesteps $\tau_1 > \tau_2 > \dots >
+# \tau_N$ and $z_{\tau_1} \sim \mathcal N(0, I)$:
+#
+# $$\hat x_0^{(i)} = f_\theta(z_{\tau_i}, w, c, \tau_i), \qquad
+#   z_{\tau_{i+1}} = \alpha_{\tau_{i+1}}\,\hat x_0^{(i)} + \sigma_{\tau_{i+1}}\,\epsilon_i, \quad \epsilon_i \sim \mathcal N(0, I),$$
+#
+# and the sample is $\hat x_0^{(N)}$. CFG is baked in: each step is **one** student evaluation of $B$ rows, where each
+# teacher step costs $2B$. Same noise, same captions, side by side:
 
 # %%
 labels16 = torch.arange(10)
