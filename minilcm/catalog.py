@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 # sampler name -> family: "teacher" (an eps-model, CFG through the guided eps) or "consistency" (f(x, t) -> x0)
 SAMPLER_FAMILIES = {"ddpm": "teacher", "ddim": "teacher", "dpm_solver": "teacher", "dpm_solver_pp": "teacher",
-                    "cm": "consistency", "lcm": "consistency"}
+                    "dpm_solver_fast": "teacher", "cm": "consistency", "lcm": "consistency"}
 SAMPLER_NAMES = tuple(SAMPLER_FAMILIES)
 TEACHER_SAMPLERS = tuple(n for n, f in SAMPLER_FAMILIES.items() if f == "teacher")
 CONSISTENCY_SAMPLERS = tuple(n for n, f in SAMPLER_FAMILIES.items() if f == "consistency")

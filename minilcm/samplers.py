@@ -6,8 +6,8 @@
 
 Six samplers, two families (``docs/architecture.md``, "The sampler signature"):
 
-    teacher      ddpm, ddim, dpm_solver, dpm_solver_pp   an eps-model; CFG wraps it in ``guidance.GuidedEps`` (one
-                                                         fused call of 2B rows per evaluation)
+    teacher      ddpm, ddim, dpm_solver, dpm_solver_pp,  an eps-model; CFG wraps it in ``guidance.GuidedEps`` (one
+                 dpm_solver_fast                         fused call of 2B rows per evaluation)
     consistency  cm, lcm                                 a consistency function f(x, t, **cond) -> x0; lcm takes
                                                          w as the student's input (B rows), cm is unguided
 
@@ -32,7 +32,7 @@ from .diffusion import Sample, ddpm
 from .guidance import ClassConditioning, GuidedEps
 from .lcm import lcm_sample, lcm_timesteps
 from .schedules import Schedule
-from .solvers import ddim, dpm_solver, dpm_solver_pp, spaced_timesteps
+from .solvers import ddim, dpm_solver, dpm_solver_fast, dpm_solver_fast_timesteps, dpm_solver_pp, spaced_timesteps
 
 
 def teacher_timesteps(schedule: Schedule, steps: int, order: int = 1) -> tuple[torch.Tensor, dict]:
@@ -41,6 +41,11 @@ def teacher_timesteps(schedule: Schedule, steps: int, order: int = 1) -> tuple[t
     (steps - 1) // order + 1 timesteps."""
     n = max(1, (steps - 1) // order + 1)
     return schedule.timesteps(n, "trailing"), ({"order": order} if order > 1 else {})
+
+
+def _dpm_fast_grid(schedule: Schedule, steps: int):
+    times, orders = dpm_solver_fast_timesteps(schedule, steps)
+    return times, {"orders": orders}
 
 
 def _cm_grid(schedule: Schedule, steps: int, t_min: float = 0.0):
@@ -69,6 +74,8 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
                 "DPM-Solver-2, singlestep (Lu et al. 2022a, Algorithm 1)", lambda order=2, **kw: order),
     SamplerSpec("dpm_solver_pp", "teacher", dpm_solver_pp, lambda sch, n: teacher_timesteps(sch, n), 1000,
                 "DPM-Solver++(2M), multistep, data prediction (Lu et al. 2022b)"),
+    SamplerSpec("dpm_solver_fast", "teacher", dpm_solver_fast, _dpm_fast_grid, 1000,
+                "DPM-Solver-fast: orders 3, 2, 1 allotted to the NFE budget (Lu et al. 2022a, Sec. 3.4)"),
     SamplerSpec("cm", "consistency", cm_sample, _cm_grid, 18,
                 "multistep consistency sampling (Song et al. 2023, Algorithm 1)"),
     SamplerSpec("lcm", "consistency", lcm_sample, lambda sch, n: (lcm_timesteps(sch, n), {}), 50,

@@ -206,17 +206,28 @@ def dpm_solver_fast_orders(nfe: int) -> list[int]:
     return [3] * (k - 1) + [2, 1] if r == 0 else [3] * k + [r]
 
 
-@torch.no_grad()
-def dpm_solver_fast(model, x, schedule: Schedule, nfe: int, *, cond=None, t_end: float = 0.0) -> Sample:
-    """DPM-Solver-fast (Lu et al. 2022, Sec. 3.4): ``dpm_solver_fast_orders(nfe)`` singlestep steps, uniform in
-    lambda from t = T - 1 down to ``t_end`` (the paper's t = epsilon; no extra step to clean data), so that exactly
-    ``nfe`` evaluations are spent. The fixed-order ``dpm_solver`` at a small NFE instead spends them on one or two
-    steps of one order."""
+def dpm_solver_fast_timesteps(schedule: Schedule, nfe: int, t_end: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """DPM-Solver-fast's grid for ``nfe`` evaluations (Lu et al. 2022, Sec. 3.4): ``dpm_solver_fast_orders(nfe)``
+    steps, uniform in lambda from t = T - 1 down to ``t_end`` (the paper's t = epsilon). Returns (times noisiest
+    first, float64, one more than the steps; the orders of the steps)."""
     orders = dpm_solver_fast_orders(nfe)
     lam = torch.linspace(float(schedule.lam(schedule.T - 1)), float(schedule.lam(t_end)), len(orders) + 1,
                          dtype=torch.float64)
-    times = schedule.t_of_lam(lam).tolist()
+    times = schedule.t_of_lam(lam).to(torch.float64)
     times[0], times[-1] = float(schedule.T - 1), float(t_end)
+    return times, orders
+
+
+@torch.no_grad()
+def dpm_solver_fast(model, x, schedule: Schedule, timesteps, *, orders, cond=None, generator=None) -> Sample:
+    """DPM-Solver-fast (Lu et al. 2022, Sec. 3.4): one singlestep DPM-Solver step of ``orders[i]`` from
+    ``timesteps[i]`` to ``timesteps[i + 1]`` (``dpm_solver_fast_timesteps`` makes both for an NFE budget), with no
+    extra step to clean data: the run costs exactly sum(orders) evaluations. The fixed-order ``dpm_solver`` at a
+    small NFE instead spends them on one or two steps of one order. ``generator`` is unused (deterministic)."""
+    times = [float(t) for t in timesteps]
+    if len(orders) != len(times) - 1 or any(o not in _DPM_SOLVER_STEPS for o in orders):
+        raise ValueError(f"DPM-Solver-fast needs one order (1, 2 or 3) per step: {len(times) - 1} steps, "
+                         f"orders {list(orders)}")
     eps_fn = _Counted(model, cond)
     for order, s, t in zip(orders, times[:-1], times[1:]):
         x = _DPM_SOLVER_STEPS[order](eps_fn, schedule, x, s, t, eps_fn(x, s))

@@ -98,9 +98,9 @@ def test_nfe_budget_is_spent_and_reported(sampler, kw, k):
 
 # ---- registry and argument errors -----------------------------------------------------------------
 def test_registry_and_clear_errors():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm_solver", "dpm_solver_pp", "cm", "lcm"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm_solver", "dpm_solver_pp", "dpm_solver_fast", "cm", "lcm"}
     assert get_sampler("dpm_solver_pp").fn is dpm_solver_pp and get_sampler("ddpm").fn is ddpm
-    with pytest.raises(ValueError, match="valid: ddpm, ddim, dpm_solver, dpm_solver_pp, cm, lcm"):
+    with pytest.raises(ValueError, match="valid: ddpm, ddim, dpm_solver, dpm_solver_pp, dpm_solver_fast, cm, lcm"):
         get_sampler("euler")
     s = Schedule("linear")
     model = OracleEps(GaussianMixture(), s)
@@ -291,7 +291,7 @@ def test_dpm_solver_fast_orders_follow_the_paper():
 def test_dpm_solver_fast_beats_one_fixed_order_at_equal_nfe_on_the_oracle():
     """Against the 1000-step DDIM solution of the mixture's exact PF-ODE, at the same NFE: one order-3 step over the
     whole lambda range is a usage error (measured 38.4 at 3 NFE, fast 0.45; at 6 NFE 2.33 vs 0.88; 15: 0.17 vs 0.05)."""
-    from minilcm.solvers import dpm_solver_fast
+    from minilcm.samplers import run_sampler
     from minilcm.toys import GaussianMixture, OracleEps
 
     sch = Schedule("linear")
@@ -299,7 +299,7 @@ def test_dpm_solver_fast_beats_one_fixed_order_at_equal_nfe_on_the_oracle():
     x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     ref = ddim(oracle, x, sch, sch.timesteps(1000), denoise_to_zero=False).x
     for nfe in (3, 6, 15):
-        fast = dpm_solver_fast(oracle, x, sch, nfe)
+        fast = run_sampler("dpm_solver_fast", oracle, x, sch, nfe)  # the registry's grid and orders
         fixed = dpm_solver(oracle, x, sch, torch.linspace(999, 0, nfe // 3 + 1).tolist(), order=3,
                            denoise_to_zero=False)
         assert fast.nfe == fixed.nfe == nfe
