@@ -64,6 +64,9 @@ T0 = time.perf_counter()
 #   \bar\alpha_t = \prod_{s \le t} (1-\beta_s),\quad \alpha_t = \sqrt{\bar\alpha_t},\quad \sigma_t = \sqrt{1-\bar\alpha_t}.$$
 #
 # Because $\alpha_t^2 + \sigma_t^2 = 1$ this is called *variance preserving* (VP): data with unit variance stays at unit variance.
+# A warning on notation: the DDPM paper writes $\alpha_t = 1 - \beta_t$ for the per-step factor, so its $\bar\alpha_t$ is
+# the product of those. Here, as in DPM-Solver and the rest of this course, $\alpha_t$ is the *signal scale*
+# $\sqrt{\bar\alpha_t}$; $\bar\alpha_t$ means the same thing in both.
 # Let us check the one-shot formula against the chain itself, by running the chain step by step on many copies of one point:
 
 # %%

@@ -66,6 +66,10 @@ T0 = time.perf_counter()
 #
 # $$dx = \underbrace{-\tfrac12\beta(t)}_{f(t)}\,x\,dt + \underbrace{\sqrt{\beta(t)}}_{g(t)}\,dw .$$
 #
+# Song et al. (2021) write this SDE on $t' \in [0, 1]$ with $\beta(t') = \beta_\min + t'(\beta_\max - \beta_\min)$,
+# $\beta_\min = 0.1$, $\beta_\max = 20$: that is DDPM's linear schedule with $N = 1000$ steps, since
+# $N\beta_1 = 1000 \cdot 10^{-4} = 0.1$ and $N\beta_N = 1000 \cdot 0.02 = 20$, and $t' = t/N$ (so a rate per unit of our
+# $t$ is theirs divided by 1000).
 # We keep the diffusers-style time $t \in [0, 999]$ and define the continuous rate by $\beta(t) = -\frac{d}{dt}\log\bar\alpha(t)$,
 # where $\log\bar\alpha(t)$ is a smooth (cubic-spline) curve through the 1000 discrete values. Then, exactly,
 #

@@ -26,7 +26,9 @@
 # 1. **What changes at SD scale**: latent and text shapes, parameter counts, compute per training step,
 #    measured on SD-v1.5-shaped models that are never allocated (the `meta` device).
 # 2. **Two students**: a full LCM UNet with a w input (the paper), and **LCM-LoRA** (Luo et al. 2023b,
-#    [arXiv 2311.05556](https://arxiv.org/abs/2311.05556)): LoRA adapters on the teacher's own UNet at one w.
+#    [arXiv 2311.05556](https://arxiv.org/abs/2311.05556)): LoRA adapters on the teacher's own UNet, with no w input. Ours distils at one fixed w (`--w`, default 7); the
+#    reference LCM-LoRA script instead draws w ~ U[w_min, w_max] per sample without telling the student, so its
+#    adapters learn a blend of guidance scales.
 # 3. **End to end on a tiny SD-shaped pipeline** on the CPU: caption folder → distil (both modes) → export →
 #    reload with diffusers → 4-step images.
 # 4. **The real teacher** when a GPU and SD weights are present; the exact commands for 1 and 8 GPUs.

@@ -49,8 +49,9 @@
 # *and* diverse (the covariances agree). FID's network is Inception-v3, trained on ImageNet; its weights need
 # the internet. The course ships its own feature extractor instead: **`evaluator-cifar10`**, a small ResNet-style
 # CIFAR-10 classifier, and the CIFAR-10 test set's feature statistics. The Fréchet distance in its penultimate
-# features is **FD-clf**. It is a **proxy**: it rewards the same things FID does on CIFAR-like images and ranks
-# samplers the same way, but its numbers are on another scale and **not comparable with published FIDs**.
+# features is **FD-clf**. It is a **proxy**: it is built the way FID is and should reward the same things on
+# CIFAR-like images, but nothing here measures how closely its ranking follows FID's (the course ships no Inception
+# weights), its numbers are on another scale, and they are **not comparable with published FIDs**.
 #
 # Two cautions for reading it: the Fréchet distance is **biased upward at small N** (a covariance estimated from
 # 50 images is poor), so the table always carries the FD-clf of *real* test images at the same N, the floor; and
@@ -240,7 +241,7 @@ print(f"notebook time: {time.perf_counter() - T0:.0f} s")
 # ## What you just saw
 #
 # * **FD-clf** is a Fréchet distance in the features of the course's own CIFAR-10 classifier: the FID recipe with a
-#   feature extractor we can ship. It ranks samplers as FID does but is not on FID's scale; small N inflates it, so
+#   feature extractor we can ship. We expect it to rank samplers much as FID would (that is not measured here: the course ships no Inception weights), and it is not on FID's scale; small N inflates it, so
 #   every table carries the real-image floor at the same N.
 # * The **guided teacher** needs many steps: at 4 steps DDIM and DPM-Solver++ are far from their 25-step quality,
 #   and every step costs two network rows per image because of CFG.
