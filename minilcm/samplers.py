@@ -4,7 +4,7 @@
     SAMPLERS["lcm"].grid(schedule, 4)          -> (timesteps, kwargs): noisiest first, as every sampler takes them
     sample_images(loaded, "lcm", 4, labels, None, w, generator)   -> images in [-1, 1] (B, 3, 32, 32)
 
-Six samplers, two families (``docs/architecture.md``, "The sampler signature"):
+Seven samplers, two families (``docs/architecture.md``, "The sampler signature"):
 
     teacher      ddpm, ddim, dpm_solver, dpm_solver_pp,  an eps-model; CFG wraps it in ``guidance.GuidedEps`` (one
                  dpm_solver_fast                         fused call of 2B rows per evaluation)

@@ -1,6 +1,6 @@
-import json
 """Chapter 5's mini Stable Diffusion: the offline tokenizer, the pipeline round trip, the latent objective, the
 text-conditioned denoising loss, the evaluator's Fréchet distance, and the whole recipe end to end (fast profile)."""
+import json
 import math
 import os
 import subprocess
