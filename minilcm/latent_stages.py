@@ -203,13 +203,13 @@ def build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Tr
     student = lcm_student(sd.unet, sd.schedule, w_dim=256, w_init="random")
     loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,
                                          mu=mu)
-    steps, batch = s["steps"], s["batch_size"]
+    steps, batch, w_mult = s["steps"], s["batch_size"], s.get("w_lr_mult", 1)
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(100, steps // 10),
-                      lr_decay="cosine", keep_ema=False, device=device, amp=False,
-                      ckpt_dir=f"runs/lcm-{steps}-{record['teacher_sha256'][:8]}-target",
+                      lr_decay="cosine", keep_ema=False, device=device, amp=False, lr_mult={"cond_proj": w_mult},
+                      ckpt_dir=f"runs/lcm-{steps}-{record['teacher_sha256'][:8]}-w{w_mult}-target",
                       ckpt_every=max(50, steps // 30), progress=progress, desc="LCD of the mini-SD")
     res = train(student, loss, data, cfg)
-    meta = {**record, "k": k, "w_min": w_min, "w_max": w_max, "mu": mu, "w_init": "random",
+    meta = {**record, "k": k, "w_min": w_min, "w_max": w_max, "mu": mu, "w_init": "random", "w_lr_mult": w_mult,
             "exported": "the target network theta^- (mu = 0.95), as the reference script and minilcm sd-distill",
             "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
             "w_dim": 256, "distance": "pseudo_huber", "final_loss": round(tail_mean(res.losses), 6)}

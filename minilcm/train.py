@@ -65,6 +65,7 @@ class TrainConfig:
     optimizer: str = "adamw"      # "adamw" (torch) or "adamw8bit" (bitsandbytes' AdamW8bit)
     keep_ema: bool = True         # False: no EMA copy (saves a model's worth of memory); result.ema is the model
     log_file: str | None = None   # a JSONL file: one line per step with loss, lr, seconds and samples/s
+    lr_mult: dict = field(default_factory=dict)  # {name part: m}: parameters whose name contains it train at m x lr
 
 
 @dataclass
@@ -118,8 +119,23 @@ def _load_optim(opt, tensors, groups, where, check: bool = True):
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
+def param_groups(model: nn.Module, lr_mult: dict) -> list[dict]:
+    """The optimizer's parameter groups: one per entry of ``lr_mult`` ({name part: multiplier}) that matches a
+    parameter name (first match wins), after one group of the rest at multiplier 1. Each carries ``lr_mult``."""
+    groups = {key: [] for key in lr_mult}
+    rest = []
+    for name, p in model.named_parameters():
+        key = next((k for k in lr_mult if k in name), None)
+        (groups[key] if key is not None else rest).append(p)
+    unused = [k for k, ps in groups.items() if not ps]
+    if unused:
+        raise ValueError(f"lr_mult names {unused}, which match no parameter of the {type(model).__name__}")
+    return [{"params": rest, "lr_mult": 1.0}] + [{"params": ps, "lr_mult": float(lr_mult[k])} for k, ps in groups.items()]
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW (its moments in 8 bits: 2 bytes per parameter instead of 8)."""
+    """AdamW, or bitsandbytes' 8-bit AdamW (its moments in 8 bits: 2 bytes per parameter instead of 8).
+    ``params``: parameters or ``param_groups``."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
@@ -199,7 +215,7 @@ class _Run:
             self.ema = model
         if isinstance(loss_fn, nn.Module):
             loss_fn.to(device)
-        self.opt = make_optimizer(cfg, model.parameters())
+        self.opt = make_optimizer(cfg, param_groups(model, cfg.lr_mult) if cfg.lr_mult else model.parameters())
         self.net = model  # what the loss calls: the model, or its DistributedDataParallel wrapper
         if acc is not None:
             self.net, self.opt = acc.prepare(model, self.opt)
@@ -222,7 +238,7 @@ class _Run:
         """One optimizer step at learning_rate(step); the NaN guard stops before a non-finite update."""
         cfg, opt, scaler = self.cfg, self.opt, self.scaler
         for g in opt.param_groups:
-            g["lr"] = learning_rate(cfg, step)
+            g["lr"] = learning_rate(cfg, step) * g.get("lr_mult", 1.0)
         batch = _to(data(cfg.batch_size, self.gen), self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             loss = self.loss_fn(self.net, batch, self.gen)

@@ -86,3 +86,39 @@ def test_export_round_trip_and_missing_checkpoint(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(CheckpointError, match="no shipped checkpoint named .no-such-model.*pass a folder path"):
         load_model(fresh, "no-such-model")
+
+
+def test_lr_mult_scales_the_named_parameters_updates(tmp_path):
+    """Adam's first step moves every parameter by about lr (m / sqrt(v) = +-1): cond_proj by 10x that with
+    lr_mult={"cond_proj": 10}, the rest by lr; a resumed run keeps the groups; a name that matches nothing fails."""
+    def setup():
+        torch.manual_seed(0)
+        return MLPDenoiser(hidden=32, depth=2, num_classes=4, time_cond_proj_dim=8)
+    from minilcm.lcm import LatentConsistencyDistillation, lcm_student
+    from minilcm.toys import OracleEps
+    sched = Schedule()
+    teacher = OracleEps(GaussianMixture(), sched)
+    before = setup()
+    student = lcm_student(before, sched, w_dim=8)
+    with torch.no_grad():  # the MLP's zero-initialised output layer would leave every other gradient at 0
+        student.net.out[1].weight.normal_(0, 0.1)
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    loss = LatentConsistencyDistillation(teacher, student, k=20, w_min=0.0, w_max=2.0)
+    cfg = TrainConfig(steps=1, batch_size=64, lr=1e-3, progress=False, grad_clip=None, lr_mult={"cond_proj": 10})
+    res = train(student, loss, GaussianMixture(), cfg)
+    moved = {n: (p.detach() - start[n]).abs().max().item() for n, p in res.model.named_parameters()}
+    assert 0.5e-2 < moved["net.cond_proj.weight"] <= 1.0001e-2
+    assert all(0.5e-3 < v <= 1.0001e-3 for n, v in moved.items() if "cond_proj" not in n)
+    with pytest.raises(ValueError, match="match no parameter"):
+        train(setup(), DenoisingLoss(sched), GaussianMixture(), TrainConfig(steps=1, progress=False,
+                                                                             lr_mult={"no_such": 2}))
+    # resume: 3 + 3 steps equal 6 steps
+    def run(path, steps):
+        s = lcm_student(setup(), sched, w_dim=8)
+        lf = LatentConsistencyDistillation(teacher, s, k=20, w_min=0.0, w_max=2.0)
+        return train(s, lf, GaussianMixture(), TrainConfig(steps=steps, batch_size=32, lr=1e-3, progress=False,
+                                                           ckpt_dir=str(path), lr_mult={"cond_proj": 10}))
+    full = run(tmp_path / "full", 6)
+    run(tmp_path / "split", 3)
+    again = run(tmp_path / "split", 6)
+    assert again.resumed_from == 3 and again.losses == full.losses
