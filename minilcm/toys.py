@@ -1,6 +1,7 @@
 """2-D toys with exact densities and scores: the Gaussian mixture every formula is tested against, and two shapes.
 
-    GaussianMixture(means, covs, weights)   q(x_t) in closed form: sample, log_prob, score, eps_star (its exact eps)
+    GaussianMixture(means, covs, weights)   q(x_t) in closed form: sample, log_prob, score, eps_star (its exact eps),
+                                            class_posterior / misassigned_mass (how sharp a class's samples are)
     OracleEps(mixture, schedule)            the exact eps-model of a mixture (the one call convention)
     two_moons(n), swiss_roll(n)             (x, label) point clouds
 """
@@ -103,6 +104,19 @@ class GaussianMixture:
         r = torch.softmax(comp, dim=1)  # responsibilities (B, K)
         per_comp = -torch.einsum("bkij,bkj->bki", prec, diff)
         return (r[..., None] * per_comp).sum(1)
+
+    def class_posterior(self, x) -> torch.Tensor:
+        """Exact p(c | x) under the data density p_0, (B, num_classes) float64 (Bayes: p(x | c) p(c) / p(x))."""
+        prior = torch.stack([self.weights[self.classes == c].sum() for c in range(self.num_classes)])
+        logp = torch.stack([self.log_prob(x, class_labels=torch.full((x.shape[0],), c)) for c in
+                            range(self.num_classes)], 1)
+        return torch.softmax(logp + prior.log().to(logp.device), 1)
+
+    def misassigned_mass(self, x, labels) -> float:
+        """Class sharpness, measured exactly: 1 - E[p(c | x)], the mass the data's class posterior puts on classes
+        other than the requested c of each sample (0: every sample unmistakably its class; lower = sharper)."""
+        post = self.class_posterior(x)
+        return 1 - post[torch.arange(len(labels)), torch.as_tensor(labels).long()].mean().item()
 
     def mean_cov(self):
         """Exact mean and covariance of p_0."""

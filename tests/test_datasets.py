@@ -40,6 +40,19 @@ def test_mixture_log_prob_matches_torch_distributions():
     assert torch.allclose(gm.log_prob(x, t, s, class_labels=labels), _reference_log_prob(gm, x, t, s, cls=2), atol=1e-10)
 
 
+def test_mixture_class_posterior_is_bayes_by_components():
+    """p(c | x) = sum of c's components' pi_k N(x; mu_k, C_k) over all components', with unequal weights, and the
+    misassigned mass of a batch is 1 - the mean posterior of the asked classes."""
+    gm = GaussianMixture(weights=torch.arange(1, 9, dtype=torch.float64))
+    x = 1.5 * torch.randn(5, 2, dtype=torch.float64)
+    dens = torch.stack([gm.weights[k] * torch.distributions.MultivariateNormal(gm.means[k], gm.covs[k]).log_prob(x).exp()
+                        for k in range(8)], 1)  # (5, 8)
+    ref = torch.stack([dens[:, gm.classes == c].sum(1) for c in range(4)], 1) / dens.sum(1, keepdim=True)
+    assert torch.allclose(gm.class_posterior(x), ref, atol=1e-10)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    assert gm.misassigned_mass(x, labels) == pytest.approx(1 - ref[torch.arange(5), labels].mean().item(), abs=1e-10)
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 def test_mixture_score_is_autograd_of_log_density(conditional):
     gm, s = GaussianMixture(), Schedule()

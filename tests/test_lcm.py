@@ -318,13 +318,6 @@ def toy(sd):
     return mix, OracleEps(mix, sd)
 
 
-def misassigned(mix, x, labels):
-    """Class sharpness, measured exactly: 1 - E[p(c | x)], the mass the exact class posterior of the data
-    distribution puts on classes other than the requested one c (lower = sharper)."""
-    logp = torch.stack([mix.log_prob(x, class_labels=torch.full_like(labels, c)) for c in range(4)], 1)
-    return 1 - torch.softmax(logp, 1)[torch.arange(len(labels)), labels].mean().item()
-
-
 def class_sw(x, labels, refs):
     """Sliced Wasserstein distance of each class's samples to a reference set of that class, averaged."""
     return sum(sliced_wasserstein(x[labels == c], refs[c]) for c in range(4)) / 4
@@ -388,8 +381,8 @@ def test_class_sharpness_rises_with_w_like_the_teachers(lcd_runs, sd, toy):
     T = {w: ddim(GuidedEps(teacher, ClassConditioning(4), w), z, sd, grid, cond={"class_labels": labels}).x
          for w in WS}  # the teacher's augmented PF-ODE, 50 guided DDIM steps
     S = {w: student_samples(lcd_runs["long"][1], sd, w) for w in WS}  # the student: 2 steps
-    mis_t = [misassigned(mix, T[w], labels) for w in WS]
-    mis_s = [misassigned(mix, S[w], labels) for w in WS]
+    mis_t = [mix.misassigned_mass(T[w], labels) for w in WS]
+    mis_s = [mix.misassigned_mass(S[w], labels) for w in WS]
     print("misassigned class mass, w =", WS, "teacher (50 steps):", [round(m, 4) for m in mis_t],
           "student (2 steps):", [round(m, 4) for m in mis_s])
     assert mis_t[0] > 3 * mis_t[1] > 9 * mis_t[2]
