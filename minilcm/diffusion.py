@@ -79,8 +79,9 @@ class DenoisingLoss:
     probability, for classifier-free guidance (Ho & Salimans 2022).
 
     ``weighting`` multiplies each sample's squared error by w(t): "none" (w = 1, Ho et al.'s simple loss) or
-    "snr+1" (w = 1 + SNR_t = 1 / alpha_t^2; Salimans & Ho 2022, arXiv 2202.00512, Sec. 4): on an eps-model it is
-    exactly the v-prediction loss, ||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_t^2, so it keeps training the
+    "snr+1" (w = 1 / alpha_t^2 on the eps error; Salimans & Ho 2022, arXiv 2202.00512, Sec. 4, name it by the x0
+    error it equals, (1 + SNR_t) ||x0 - x0_hat||^2): on an eps-model it is exactly the v-prediction loss,
+    ||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_t^2 = (1 + SNR_t) ||x0 - x0_hat||^2, so it keeps training the
     network at high noise, where the plain eps-loss gives a preconditioned model (``preconditioning.EDMPrecond``)
     almost no signal.
 
@@ -137,7 +138,7 @@ class DenoisingLoss:
             target = broadcast(self.schedule.alpha(t), x0) * eps - broadcast(self.schedule.sigma(t), x0) * x0
         if self.weighting == "none":
             return F.mse_loss(out.float(), target.float())
-        w = 1.0 / self.schedule.alpha(t).double() ** 2  # 1 + SNR_t
+        w = 1.0 / self.schedule.alpha(t).double() ** 2  # = (1 + SNR_t) x sigma_t^2 / alpha_t^2: the v-loss
         per_sample = ((out.float() - target.float()) ** 2).flatten(1).mean(1)
         return (per_sample * w.to(per_sample.device, torch.float32)).mean()
 

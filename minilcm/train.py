@@ -122,13 +122,11 @@ def _load_optim(opt, tensors, groups, where, check: bool = True):
 def param_groups(model: nn.Module, lr_mult: dict) -> list[dict]:
     """The optimizer's parameter groups: one per entry of ``lr_mult`` ({name part: multiplier}) that matches a
     parameter name (first match wins), after one group of the rest at multiplier 1. Each carries ``lr_mult``."""
-    groups = {key: [] for key in lr_mult}
-    rest = []
+    groups, rest = {key: [] for key in lr_mult}, []
     for name, p in model.named_parameters():
         key = next((k for k in lr_mult if k in name), None)
         (groups[key] if key is not None else rest).append(p)
-    unused = [k for k, ps in groups.items() if not ps]
-    if unused:
+    if unused := [k for k, ps in groups.items() if not ps]:
         raise ValueError(f"lr_mult names {unused}, which match no parameter of the {type(model).__name__}")
     return [{"params": rest, "lr_mult": 1.0}] + [{"params": ps, "lr_mult": float(lr_mult[k])} for k, ps in groups.items()]
 

@@ -150,9 +150,14 @@ assert all((Schedule(k).lam(tt)[1:] < Schedule(k).lam(tt)[:-1]).all() for k in [
 #   $$q(x_{t-1}\mid x_t, x_0) = \mathcal N\Big(\tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\beta_t}{1-\bar\alpha_t}x_0 + \frac{\sqrt{1-\beta_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}x_t,\ \ \tilde\beta_t = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t\Big);$$
 # * with $p_\theta$ Gaussian with the same variance, each KL is a squared distance between means. Writing
 #   $x_0 = (x_t - \sigma_t\epsilon)/\alpha_t$ and letting the network predict the noise, $\epsilon_\theta(x_t, t)$, the mean
-#   error becomes a weighted $\lVert \epsilon - \epsilon_\theta(x_t,t)\rVert^2$.
+#   error becomes a weighted $\lVert \epsilon - \epsilon_\theta(x_t,t)\rVert^2$. With the reverse variance $\sigma^2_{p,t}$ of
+#   $p_\theta$ the weight is (DDPM Eq. 12, in the paper's own notation $\alpha^\text{DDPM}_t = 1 - \beta_t$)
+#   $$L_{t-1} - C = \mathbb E_{x_0, \epsilon}\Big[\frac{\beta_t^2}{2\sigma^2_{p,t}\,(1 - \beta_t)(1-\bar\alpha_t)}\,
+#     \big\lVert \epsilon - \epsilon_\theta(x_t, t)\big\rVert^2\Big],$$
+#   large at small $t$ and small at large $t$.
 #
-# Ho et al. drop the weights and get the **simple loss** (Eq. 14):
+# Ho et al. drop that weight (every $t$ counts the same) and get the **simple loss** (Eq. 14). It is no longer the
+# ELBO, but it trains better samplers: it shifts effort away from the nearly clean steps that the weight favours.
 #
 # $$L_\text{simple} = \mathbb E_{x_0,\ t\sim\mathcal U\{0..T-1\},\ \epsilon\sim\mathcal N(0,I)}\ \big\lVert \epsilon - \epsilon_\theta(\alpha_t x_0 + \sigma_t\epsilon,\ t)\big\rVert^2 .$$
 #
@@ -164,7 +169,10 @@ assert all((Schedule(k).lam(tt)[1:] < Schedule(k).lam(tt)[:-1]).all() for k in [
 #
 # Our data: a mixture of 8 Gaussians on a ring, in 4 classes (pairs of neighbouring blobs). Because it is a mixture, its density
 # — and the density of every noised marginal $p_t$ — is known exactly; later chapters use it as an *oracle*.
-# The model is a small MLP with a sinusoidal time embedding and a class embedding (plus a "null" class, for guidance later).
+# The model is a small MLP with a sinusoidal time embedding and a class embedding, plus a "null" class: 10% of the
+# training labels are replaced by it, so the same network also learns the unconditional model. That is what
+# classifier-free guidance needs, $\hat\epsilon_w = (1 + w)\,\epsilon_\theta(x_t, t, c) - w\,\epsilon_\theta(x_t, t, \varnothing)$,
+# which sharpens each class at the price of two evaluations per step; Chapter 5 derives it.
 
 # %%
 mixture = GaussianMixture()
@@ -267,9 +275,18 @@ assert accuracy > 0.9
 # background), rarely a crisp object. Without the checkpoint, the recipe trains the same tiny UNet here for a few hundred
 # steps (colour blobs) and you can check that the loss falls.
 #
-# **One engineering detail that matters.** The teacher is not a bare eps-network: it is wrapped in EDM's
-# preconditioning (`minilcm.preconditioning.EDMPrecond`, Karras et al. 2022) and trained with the SNR+1 weighting, which is
-# the v-prediction loss (`DenoisingLoss(weighting="snr+1")`). Why: the x0-estimate of an eps-model,
+# **One engineering detail that matters.** The teacher is not a bare eps-network. Two terms first:
+#
+# * **Preconditioning** (EDM, Karras et al. 2022, Sec. 5): the network $F_\theta$ is wrapped so that its input and its
+#   target both have unit scale at every noise level, $\hat x_0 = c_\text{skip}(t)\,x_t + c_\text{out}(t)\,F_\theta(c_\text{in}(t)\,x_t, t)$
+#   with coefficients set by the data's std $\sigma_\text{data}$ (`minilcm.preconditioning.EDMPrecond`; it still
+#   returns an eps, the course's one model convention).
+# * **v-prediction** (Salimans & Ho 2022): the target $v = \alpha_t\epsilon - \sigma_t x_0$ instead of $\epsilon$. Since
+#   $\hat v - v = (\hat\epsilon - \epsilon)/\alpha_t = -(\hat x_0 - x_0)/\sigma_t$, its squared error is the x0 error weighted
+#   by $1/\sigma_t^2 = \mathrm{SNR}(t) + 1$ (the paper's "SNR+1" weighting), or the eps error weighted by $1/\alpha_t^2$.
+#   On an eps-model, `DenoisingLoss(weighting="snr+1")` applies that weight: it is the v-prediction loss.
+#
+# The teacher uses both. Why: the x0-estimate of an eps-model,
 # $(x_t - \sigma_t \hat\epsilon)/\alpha_t$, multiplies the network's error by $\sigma_t/\alpha_t$, which is 157 at $t = 999$ of
 # the linear schedule. A bare eps-UNet trained for 2,100 CPU steps had an x0-estimate error of standard deviation 6.9 at
 # $t = 999$ (the images have 0.5), and every sampler drifted to saturated colour fields. The preconditioned network

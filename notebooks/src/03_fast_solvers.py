@@ -129,13 +129,29 @@ assert rms(one_ddim.x, exact) < 1e-3 < euler_err[10]
 # $$x_t = \frac{\alpha_t}{\alpha_s}\,x_s \;-\; \alpha_t\int_{\lambda_s}^{\lambda_t} e^{-\lambda}\,
 #   \hat\epsilon_\theta(\hat x_\lambda, \lambda)\,d\lambda .$$
 #
+# **The hats.** The integral runs over $\lambda$, so everything in it is written as a function of $\lambda$: $t_\lambda(\cdot)$
+# is the inverse of $\lambda_t$ (`schedule.t_of_lam`), $\hat x_\lambda = x_{t_\lambda(\lambda)}$ and
+# $\hat\epsilon_\theta(\hat x_\lambda, \lambda) = \epsilon_\theta(x_{t_\lambda(\lambda)}, t_\lambda(\lambda))$: the same network, with
+# $\lambda$ as its clock (the paper's notation). Below, $\epsilon_s = \epsilon_\theta(x_s, s)$; the $\hat x_0$ of later
+# sections is a different hat, the model's estimate of the clean sample.
+#
 # Only the network's part is left to approximate, and it is weighted by a known exponential. Taylor-expand
 # $\hat\epsilon_\theta$ in $\lambda$ around $\lambda_s$ and integrate every term exactly:
 #
 # * **order 1** ($\hat\epsilon_\theta$ constant): $\alpha_t\int_{\lambda_s}^{\lambda_t} e^{-\lambda}d\lambda = \sigma_t(e^h - 1)$, so
-#   $x_t = \frac{\alpha_t}{\alpha_s}x_s - \sigma_t(e^h-1)\,\epsilon_\theta(x_s, s)$ — **DDIM again** (DPM-Solver-1);
-# * **order 2**: estimate the derivative from one extra evaluation at the midpoint $\lambda_s + h/2$ (Algorithm 1);
-# * **order 3**: two extra evaluations, at $\lambda_s + h/3$ and $\lambda_s + 2h/3$ (Algorithm 2).
+#   $x_t = \frac{\alpha_t}{\alpha_s}x_s - \sigma_t(e^h-1)\,\epsilon_s$ — **DDIM again** (DPM-Solver-1);
+# * **order 2** (Algorithm 1): estimate the derivative from one extra evaluation at $s_1 = t_\lambda(\lambda_s + h/2)$:
+#   $$u = \frac{\alpha_{s_1}}{\alpha_s}x_s - \sigma_{s_1}\big(e^{h/2} - 1\big)\epsilon_s,\qquad
+#     x_t = \frac{\alpha_t}{\alpha_s}x_s - \sigma_t\big(e^h - 1\big)\epsilon_s - \sigma_t\big(e^h - 1\big)\big(\epsilon_\theta(u, s_1) - \epsilon_s\big);$$
+# * **order 3** (Algorithm 2): two extra evaluations, at $s_1 = t_\lambda(\lambda_s + h/3)$ and $s_2 = t_\lambda(\lambda_s + 2h/3)$:
+#   $$\begin{aligned}
+#   u_1 &= \frac{\alpha_{s_1}}{\alpha_s}x_s - \sigma_{s_1}\big(e^{h/3} - 1\big)\epsilon_s, \qquad D_1 = \epsilon_\theta(u_1, s_1) - \epsilon_s,\\
+#   u_2 &= \frac{\alpha_{s_2}}{\alpha_s}x_s - \sigma_{s_2}\big(e^{2h/3} - 1\big)\epsilon_s
+#          - 2\sigma_{s_2}\Big(\frac{e^{2h/3} - 1}{2h/3} - 1\Big)D_1, \qquad D_2 = \epsilon_\theta(u_2, s_2) - \epsilon_s,\\
+#   x_t &= \frac{\alpha_t}{\alpha_s}x_s - \sigma_t\big(e^h - 1\big)\epsilon_s - \frac{3}{2}\,\sigma_t\Big(\frac{e^h - 1}{h} - 1\Big)D_2 .
+#   \end{aligned}$$
+#
+# (`solvers._dpm_solver_2` / `_dpm_solver_3` are these lines, with general fractions $r_1$, $r_2$ of $h$.)
 #
 # DPM-Solver-$k$ costs $k$ NFE per step and its global error falls like $h^k \propto \text{NFE}^{-k}$.
 # First, the closed-form weight against numerical quadrature:

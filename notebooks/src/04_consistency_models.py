@@ -67,6 +67,11 @@ oracle = OracleEps(mix, sch)  # the exact eps-model of the mixture: eps(x, t) = 
 # %% [markdown]
 # ## 1. The consistency function
 #
+# *A note on the letter $s$, which the papers use three ways and this chapter follows them:* (1) an earlier time of a
+# step, $t \to s$ (as in Chapters 2–3 and in $f(x_t, t) = f(x_s, s)$ below); (2) the EDM noise level
+# $s = \sigma_t/\alpha_t$ of a VP time $t$ (Section 2 on; $s \approx 157$ at $t = 999$); (3) iCT's curriculum constants
+# $s_0$, $s_1$ (Section 3), which count grid intervals. The subscripts and the context tell them apart.
+#
 # The PF-ODE $\frac{dx}{dt} = -\tfrac12\beta(t)\big(x - \epsilon(x, t)/\sigma_t\big)$ (Chapter 2) carries every
 # noisy point $x_t$ along one deterministic trajectory to a point $x_{t_\min}$ near the data. The **consistency
 # function** is the map "where does this trajectory end?":
@@ -252,9 +257,9 @@ assert err_learn < 0.5 * err_init
 #   $P_\text{mean} = -1.1$, $P_\text{std} = 2$.
 #
 # iCT's $s_1 = 1280$ is tuned for 400,000 iterations. With a few thousand, the last doublings get too few steps each
-# and the model degrades while it adapts (in an exploratory run on this mixture, not repeated in this notebook, 2,000
-# steps with $s_1 = 1280$ gave a one-step distance several times that of $s_1 = 320$ with half the learning rate), so
-# this notebook stops the curriculum at $s_1 = 320$. `tests/test_consistency.py` trains with the defaults.
+# (the left plot below shows how few with $s_1 = 320$; with 1280 there would be one more doubling in the same
+# budget), so this notebook stops the curriculum at $s_1 = 320$: our choice for a CPU budget, not a measured optimum.
+# `tests/test_consistency.py` trains with the defaults.
 
 # %%
 CT_STEPS, CT_S1 = pick(fast=600, cpu=2000, gpu=6000), 320
@@ -346,8 +351,7 @@ for nfe in CM_TIMES:
 #   small noise level from which $f$ only has to finish the job. (iCT's two-step samples re-noise that low at once,
 #   to $s = 0.821$; the package's rule spends its steps evenly along the grid instead.)
 # * The re-noising noise must be independent of $x_T$. Drawing it from a generator seeded like $x_T$'s re-injects the
-#   same $z$: $x_\tau$ is then no sample of $p_\tau$, and (we did it once by accident) the two-step ring comes out
-#   visibly too large.
+#   same $z$: $x_\tau$ is then no sample of $p_\tau$, and the second step starts from the wrong distribution.
 
 # %%
 for nfe in CM_TIMES:

@@ -364,6 +364,25 @@ else:
           "benchmarks/results/lcd_throughput.json, which this cell then shows. (No numbers are made up here.)")
 
 # %% [markdown]
+# ## Two details that differ from the reference scripts
+#
+# **Composing LCM-LoRA with a style LoRA.** LCM-LoRA's point (Luo et al. 2023b, Sec. 3.3) is that its adapter is an
+# *acceleration vector* $\tau_\mathrm{LCD} = \theta_\mathrm{LCD} - \theta_\mathrm{pre}$ that adds to any fine-tuned
+# style vector $\tau' = \theta' - \theta_\mathrm{pre}$ of the same base model, without training:
+#
+# $$\theta'_\mathrm{LCM} = \theta_\mathrm{pre} + \lambda_1\,\tau' + \lambda_2\,\tau_\mathrm{LCD},$$
+#
+# with $\lambda_1, \lambda_2$ the adapters' weights. In diffusers that is two `load_lora_weights(..., adapter_name=...)`
+# calls and `pipe.set_adapters(["style", "lcm"], adapter_weights=[λ1, λ2])`; the paper uses λ₂ = 1 and a style
+# weight below 1. Nothing in this chapter trains a style LoRA, so this stays a pointer, not a measurement.
+#
+# **The loss.** `LatentConsistencyDistillation` defaults to the *per-sample* pseudo-Huber distance
+# $\sqrt{\lVert a - b\rVert^2 + c^2} - c$ with iCT's $c = 0.00054\sqrt{d}$ ($d$ = the latent's size). The reference
+# scripts default to the l2 loss (`--loss_type l2`); their "huber" option is *elementwise*,
+# $\sqrt{(a - b)^2 + c^2} - c$ averaged over elements with $c = 0.001$. Both are robust versions of the same squared
+# distance; pass `distance=` to use another.
+
+# %% [markdown]
 # ## What you just saw
 #
 # * **The method did not change.** The SD student, its loss, solver step, w-embedding and sampler are the
