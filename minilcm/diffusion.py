@@ -138,7 +138,7 @@ class DenoisingLoss:
             target = broadcast(self.schedule.alpha(t), x0) * eps - broadcast(self.schedule.sigma(t), x0) * x0
         if self.weighting == "none":
             return F.mse_loss(out.float(), target.float())
-        w = 1.0 / self.schedule.alpha(t).double() ** 2  # = (1 + SNR_t) x sigma_t^2 / alpha_t^2: the v-loss
+        w = 1.0 / self.schedule.alpha(t).double() ** 2  # the v-loss, on the eps error
         per_sample = ((out.float() - target.float()) ** 2).flatten(1).mean(1)
         return (per_sample * w.to(per_sample.device, torch.float32)).mean()
 

@@ -203,7 +203,7 @@ def build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Tr
     student = lcm_student(sd.unet, sd.schedule, w_dim=256, w_init="random")
     loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,
                                          mu=mu)
-    steps, batch, w_mult = s["steps"], s["batch_size"], s.get("w_lr_mult", 1)
+    steps, batch, w_mult = s["steps"], s["batch_size"], s["w_lr_mult"]
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(100, steps // 10),
                       lr_decay="cosine", keep_ema=False, device=device, amp=False, lr_mult={"cond_proj": w_mult},
                       ckpt_dir=f"runs/lcm-{steps}-{record['teacher_sha256'][:8]}-w{w_mult}-target",

@@ -106,11 +106,11 @@ class GaussianMixture:
         return (r[..., None] * per_comp).sum(1)
 
     def class_posterior(self, x) -> torch.Tensor:
-        """Exact p(c | x) under the data density p_0, (B, num_classes) float64 (Bayes: p(x | c) p(c) / p(x))."""
-        prior = torch.stack([self.weights[self.classes == c].sum() for c in range(self.num_classes)])
-        logp = torch.stack([self.log_prob(x, class_labels=torch.full((x.shape[0],), c)) for c in
-                            range(self.num_classes)], 1)
-        return torch.softmax(logp + prior.log().to(logp.device), 1)
+        """Exact p(c | x) under the data density p_0, (B, num_classes) float64: the components' responsibilities
+        (Bayes, pi_k N(x; mu_k, C_k) / p(x)) summed over each class's components."""
+        comp, _, _ = self._component_logp(x)
+        r = torch.softmax(comp, dim=1)  # (B, K)
+        return r.new_zeros(x.shape[0], self.num_classes).index_add_(1, self.classes.to(r.device), r)
 
     def misassigned_mass(self, x, labels) -> float:
         """Class sharpness, measured exactly: 1 - E[p(c | x)], the mass the data's class posterior puts on classes

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from minilcm.checkpoints import CheckpointError, load_model, save_model
-from minilcm.toys import GaussianMixture
+from minilcm.lcm import LatentConsistencyDistillation, lcm_student
+from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.diffusion import DenoisingLoss
 from minilcm.models import MLPDenoiser
 from minilcm.schedules import Schedule
@@ -94,12 +95,9 @@ def test_lr_mult_scales_the_named_parameters_updates(tmp_path):
     def setup():
         torch.manual_seed(0)
         return MLPDenoiser(hidden=32, depth=2, num_classes=4, time_cond_proj_dim=8)
-    from minilcm.lcm import LatentConsistencyDistillation, lcm_student
-    from minilcm.toys import OracleEps
     sched = Schedule()
     teacher = OracleEps(GaussianMixture(), sched)
-    before = setup()
-    student = lcm_student(before, sched, w_dim=8)
+    student = lcm_student(setup(), sched, w_dim=8)
     with torch.no_grad():  # the MLP's zero-initialised output layer would leave every other gradient at 0
         student.net.out[1].weight.normal_(0, 0.1)
     start = {n: p.detach().clone() for n, p in student.named_parameters()}
