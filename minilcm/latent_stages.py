@@ -25,7 +25,7 @@ from .evaluator import Evaluator
 from .exports import Trained, save_diffusers, tail_mean, teacher_record
 from .guidance import TextConditioning
 from .latents import AutoencoderLoss, LatentSet, decode, encode, latent_stats, train_decoder, vae_factors
-from .lcm import LatentConsistencyDistillation, lcm_student
+from .lcm import GuidanceDistillation, LatentConsistencyDistillation, lcm_student
 from .minisd import MINISD_NAME, MiniSD
 from .models.sd import (CAPTION_TEMPLATES, assemble_pipeline, build_tokenizer, class_caption_table, encode_prompts,
                         minisd_unet, minisd_vae, sd_scheduler, tiny_text_encoder)
@@ -190,7 +190,11 @@ def export_minisd(t: Trained, folder: Path, meta: dict) -> None:
 def build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Trained:
     """Latent consistency distillation (Luo et al. 2023, Algorithm 1) of the mini-SD teacher into a w-conditioned
     student (``lcm.lcm_student``: the teacher's UNet copied, a w input added with the reference script's random
-    initialisation), on the cached CIFAR-10 latents with the class captions. Exports theta^- (``loss.target``)."""
+    initialisation), on the cached CIFAR-10 latents with the class captions. Exports theta^- (``loss.target``).
+
+    With ``guidance_steps`` > 0 the student is first warm-started by guidance distillation
+    (``lcm.GuidanceDistillation``, Meng et al. 2023's stage one): it regresses the guided teacher at every t, so
+    LCD starts from a student whose w already acts (LCD alone has to carry w's effect up the grid from t = 0)."""
     sd = MiniSD.load(teacher, device="cpu")
     record = teacher_record(teacher)
     train_set = cifar10("train")
@@ -201,19 +205,31 @@ def build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Tr
     data = LatentSet(z, part.labels.repeat(2), caps)
     w_min, w_max, k, mu = 0.0, 4.0, 20, 0.95
     student = lcm_student(sd.unet, sd.schedule, w_dim=256, w_init="random")
+    steps, batch, w_mult, g_steps = s["steps"], s["batch_size"], s["w_lr_mult"], s["guidance_steps"]
+    tag = f"{record['teacher_sha256'][:8]}-w{w_mult}"
+    gd = {}
+    if g_steps:  # the warm start: the student learns eps_w at every t first (lcm.GuidanceDistillation)
+        g_cfg = TrainConfig(steps=g_steps, batch_size=batch, lr=s["lr"], warmup_steps=min(100, g_steps // 10),
+                            lr_decay="none", keep_ema=False, device=device, amp=False, lr_mult={"cond_proj": w_mult},
+                            ckpt_dir=f"runs/lcm-gd-{g_steps}-{tag}", ckpt_every=max(50, g_steps // 30),
+                            progress=progress, desc="guidance distillation")
+        g_res = train(student, GuidanceDistillation(sd.unet, student, TextConditioning(sd.empty), w_min=w_min,
+                                                    w_max=w_max), data, g_cfg)
+        gd = {"steps": g_steps, "seconds": round(g_res.seconds, 1), "final_loss": round(tail_mean(g_res.losses), 6),
+              "loss": "Meng et al. 2023 stage one: ||x0_theta(x_t, t, c, w) - x0_w(x_t, t, c)||^2"}
     loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,
                                          mu=mu)
-    steps, batch, w_mult = s["steps"], s["batch_size"], s["w_lr_mult"]
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(100, steps // 10),
                       lr_decay="cosine", keep_ema=False, device=device, amp=False, lr_mult={"cond_proj": w_mult},
-                      ckpt_dir=f"runs/lcm-{steps}-{record['teacher_sha256'][:8]}-w{w_mult}-target",
+                      ckpt_dir=f"runs/lcm-{steps}-{tag}-gd{g_steps}-target",
                       ckpt_every=max(50, steps // 30), progress=progress, desc="LCD of the mini-SD")
     res = train(student, loss, data, cfg)
     meta = {**record, "k": k, "w_min": w_min, "w_max": w_max, "mu": mu, "w_init": "random", "w_lr_mult": w_mult,
+            "guidance_distillation": gd or None,
             "exported": "the target network theta^- (mu = 0.95), as the reference script and minilcm sd-distill",
             "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
             "w_dim": 256, "distance": "pseudo_huber", "final_loss": round(tail_mean(res.losses), 6)}
-    return Trained(loss.target.net, steps, batch, res.seconds, meta)
+    return Trained(loss.target.net, steps, batch, res.seconds + gd.get("seconds", 0.0), meta)
 
 
 def export_lcm(t: Trained, folder: Path, meta: dict) -> None:

@@ -10,6 +10,7 @@ Nothing here knows about latents: the same code distils the 2-D MLP and a Stable
     guided_ddim_step(teacher, x, schedule, t, s, cond, uncond, w)   the augmented PF-ODE solver step t -> s
     lcm_student(teacher, schedule, w_dim)         the student: a copy of the teacher with a w input added
     LatentConsistencyDistillation(teacher, student, conditioning, k, w_min, w_max)   the LCD loss (Algorithm 1)
+    GuidanceDistillation(teacher, student, conditioning)   Meng et al.'s stage one: the student regresses the guided x0
     lcm_sample(model, x, schedule, timesteps, cond=, w=)   the multistep LCM sampler (Algorithm 3)
 
 **Conditioning and CFG** (``cond``/``uncond`` dicts, the conditioning objects, eps_w = (1 + w) eps_cond
@@ -26,10 +27,10 @@ from torch import nn
 
 from .consistency import (ConsistencyModel, LCMScalings, cm_sample, keep_out_of_state_dict, paired_forward,
                           pseudo_huber)
-from .diffusion import Sample, q_sample
-from .guidance import ClassConditioning, guided_ddim_step
+from .diffusion import Sample, model_eps, q_sample
+from .guidance import ClassConditioning, guided_ddim_step, guided_eps
 from .models.mlp import MLPDenoiser
-from .schedules import Schedule, whole_number
+from .schedules import Schedule, broadcast, whole_number
 from .train import ema_update
 
 
@@ -206,6 +207,49 @@ class LatentConsistencyDistillation(nn.Module):
         """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Algorithm 1, last line); nothing with share_target."""
         if not self.share_target:
             ema_update(self.target, model, self.mu)
+
+
+class GuidanceDistillation(nn.Module):
+    """Guidance distillation, the first stage of Meng et al. 2023 ("On Distillation of Guided Diffusion Models",
+    arXiv 2210.03142, Sec. 4.1, Eq. 6): the w-conditioned student regresses the guided teacher's x0-prediction,
+
+        t ~ U{0, ..., T-1},  w ~ U[w_min, w_max],  x_t = alpha_t x0 + sigma_t z
+        eps_w = (1 + w) eps(x_t, t, c) - w eps(x_t, t, 0)                               (guidance.guided_eps)
+        L = || x0_theta - x0_w ||^2 = (sigma_t / alpha_t)^2 || eps_theta(x_t, t, c, w) - eps_w ||^2
+
+    x0 space, as Meng et al., because the LCM student's output is an x0 estimate (c_out ~ 1 away from t = 0): the
+    weight puts the loss where w moves x0 most, far from the data. ``student``: an ``lcm_student`` (its inner
+    network is trained; the consistency scalings play no part). Used as a warm start before LCD: every t gets its w
+    signal at once, where the LCD loss alone has to carry it up the skipping grid one k at a time.
+    """
+
+    def __init__(self, teacher: nn.Module, student: ConsistencyModel, conditioning, *, w_min: float = 0.0,
+                 w_max: float = 4.0):
+        super().__init__()
+        if not 0 <= w_min <= w_max:
+            raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
+        self.w_dim = guidance_dim(student)
+        if self.w_dim is None:
+            raise ValueError("the student has no guidance input (time_cond_proj_dim): build it with lcm_student")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.conditioning, self.schedule, self.w_min, self.w_max = conditioning, student.schedule, w_min, w_max
+        keep_out_of_state_dict(self, "teacher")
+
+    def forward(self, model: ConsistencyModel, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0, cond = self.conditioning.split(batch)
+        uncond = self.conditioning.null(cond)
+        B, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.schedule.T, (B,), generator=generator).double()  # (B,)
+        w = self.w_min + (self.w_max - self.w_min) * torch.rand(B, generator=generator)  # (B,)
+        z = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
+        x_t = q_sample(self.schedule, x0, t, z)
+        self.teacher.eval()
+        with torch.no_grad():
+            target = guided_eps(self.teacher, x_t, t.to(device), cond, uncond, w.to(device))
+        student_cond = {**cond, "timestep_cond": guidance_embedding(w, self.w_dim).to(device=device, dtype=x0.dtype)}
+        eps = model_eps(model.net, x_t, t.to(device), student_cond)
+        snr_inv = broadcast(self.schedule.sigma(t) / self.schedule.alpha(t), x0).pow(2).to(device)  # (B, 1, ...)
+        return (snr_inv * (eps.float() - target.float()).pow(2)).mean()
 
 
 # ---- sampling --------------------------------------------------------------------------------------

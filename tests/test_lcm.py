@@ -15,10 +15,10 @@ from torch import nn
 
 from minilcm.consistency import ConsistencyModel, LCMScalings, l2
 from minilcm.toys import GaussianMixture, OracleEps
-from minilcm.diffusion import eps_to_x0, model_eps
+from minilcm.diffusion import eps_to_x0, model_eps, q_sample
 from minilcm.guidance import ClassConditioning, guided_ddim_step, guided_eps, GuidedEps, TextConditioning
-from minilcm.lcm import (LatentConsistencyDistillation, guidance_embedding, lcm_sample, lcm_student, lcm_timesteps,
-                         skipping_timesteps, with_guidance_input)
+from minilcm.lcm import (GuidanceDistillation, LatentConsistencyDistillation, guidance_embedding, lcm_sample,
+                         lcm_student, lcm_timesteps, skipping_timesteps, with_guidance_input)
 from minilcm.metrics import sliced_wasserstein
 from minilcm.models import MLPDenoiser
 from minilcm.schedules import Schedule, broadcast
@@ -423,3 +423,61 @@ def test_lcd_resume_equals_uninterrupted_and_checkpoints_no_teacher(sd, toy, tmp
     for k in target_keys:  # the EMA target was restored and updated identically
         assert torch.equal(saved_full[k], saved_split[k])
     assert saved_full["loss.target.net.cond_proj.weight"].abs().sum() > 0  # it moved from its zero init
+
+
+def test_guidance_distillation_loss_closed_form(sd, toy):
+    """With a zero w projection the student's eps is the teacher's conditional eps at every w, so the loss is
+    E[(sigma/alpha)^2 w^2 |eps_c - eps_u|^2] (eps_w - eps_c = w (eps_c - eps_u)); t, w, z drawn in that order."""
+    mix, _ = toy
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(hidden=32, depth=2, num_classes=4).eval()
+    nn.init.normal_(teacher.out[-1].weight, std=0.3)
+    student = lcm_student(teacher, sd, w_dim=8, w_init="zero")
+    loss = GuidanceDistillation(teacher, student, ClassConditioning(4), w_min=0.5, w_max=3.0)
+    x0, labels = mix.sample(64, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, sd.T, (64,), generator=g).double()
+    w = 0.5 + 2.5 * torch.rand(64, generator=g)
+    z = torch.randn(x0.shape, generator=g)
+    a, s = sd.alpha(t).float()[:, None], sd.sigma(t).float()[:, None]
+    x_t = a * x0 + s * z
+    with torch.no_grad():
+        eps_c = teacher(x_t, t.float(), class_labels=labels)
+        eps_u = teacher(x_t, t.float(), class_labels=torch.full_like(labels, 4))
+        expected = ((s / a) ** 2 * w[:, None] ** 2 * (eps_c - eps_u) ** 2).mean()
+        got = loss(student, (x0, labels), generator=torch.Generator().manual_seed(0))
+    assert expected > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert not any(k.startswith("teacher.") for k in loss.state_dict())
+    with pytest.raises(ValueError, match="guidance input"):
+        GuidanceDistillation(teacher, ConsistencyModel(teacher, sd, LCMScalings()), ClassConditioning(4))
+
+
+def test_guidance_distillation_teaches_the_w_effect(sd, toy):
+    """A fresh 2-D student trained by guidance distillation on the exact teacher moves its x0 with w as the guided
+    teacher's x0 moves. The loss is weighted to x0 space, so far from the data (t = 900, 600) the error of its
+    w-effect is a small fraction of the effect; nearer the data (t = 300) it is looser, and LCD takes over there."""
+    mix, teacher = toy
+    student = fresh_student(sd)
+    loss = GuidanceDistillation(teacher, student, ClassConditioning(4), w_min=0.0, w_max=3.0)
+    train(student, loss, mix, TrainConfig(steps=600, batch_size=256, lr=1e-3, progress=False))
+    x0, labels = mix.sample(2000, torch.Generator().manual_seed(3))
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    errs = []
+    for t in (900.0, 600.0, 300.0):
+        tt = torch.full((2000,), t, dtype=torch.float64)
+        x_t = q_sample(sd, x0, tt, z)
+
+        def x0_of(eps):
+            return (x_t - sd.sigma(tt).float()[:, None] * eps) / sd.alpha(tt).float()[:, None]
+
+        with torch.no_grad():
+            want = {w: x0_of(guided_eps(teacher, x_t, tt.float(), {"class_labels": labels},
+                                        {"class_labels": torch.full_like(labels, 4)}, w)) for w in (0.0, 3.0)}
+            got = {w: x0_of(student.net(x_t, tt.float(), class_labels=labels,
+                                        timestep_cond=guidance_embedding(torch.full((2000,), w), W_DIM)))
+                   for w in (0.0, 3.0)}
+        effect = want[3.0] - want[0.0]
+        errs.append(((got[3.0] - got[0.0] - effect).norm() / effect.norm()).item())
+    print("relative error of the student's w-effect at t = 900 / 600 / 300:", [round(e, 3) for e in errs])
+    assert errs[0] < 0.15 and errs[1] < 0.2 and errs[2] < 0.6
