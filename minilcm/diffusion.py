@@ -207,15 +207,13 @@ def ddpm(model, x, schedule: Schedule, timesteps, *, cond=None, generator=None, 
     traj = [x] if return_trajectory else None
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1.0
-        ab_t, ab_s = alpha_bar_at(schedule, t), alpha_bar_at(schedule, s)
+        ab_t = alpha_bar_at(schedule, t)
         eps = model_eps(model, x, t, cond)
         x0 = (x - (1 - ab_t) ** 0.5 * eps) / ab_t ** 0.5
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        beta = 1 - ab_t / ab_s
-        mean = (ab_s ** 0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_s) / (1 - ab_t)) * x
+        mean, var = posterior_mean_var(schedule, x0, x, t, s)
         if s >= 0:
-            var = torch.clamp((1 - ab_s) / (1 - ab_t) * beta, min=1e-20)
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = mean + var ** 0.5 * z
         else:
@@ -223,6 +221,21 @@ def ddpm(model, x, schedule: Schedule, timesteps, *, cond=None, generator=None, 
         if return_trajectory:
             traj.append(x)
     return Sample(x, nfe=len(ts), trajectory=traj)
+
+
+def posterior_mean_var(schedule: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: float, s: float):
+    """The posterior q(x_s | x_t, x_0) of the forward process, s < t (DDPM Eq. 6-7; s = t - 1 there):
+
+        beta = 1 - alpha_bar_t / alpha_bar_s                         (DDPM's beta_t when s = t - 1)
+        mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x0 + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) x_t
+        var  = beta (1 - alpha_bar_s) / (1 - alpha_bar_t)             (DDPM's beta-tilde, floored at 1e-20)
+
+    t, s: floats (s = -1: clean data, alpha_bar = 1, var 0). Returns (mean like x_t, var a 0-d float64 tensor).
+    """
+    ab_t, ab_s = alpha_bar_at(schedule, t), alpha_bar_at(schedule, s)
+    beta = 1 - ab_t / ab_s
+    mean = (ab_s ** 0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_s) / (1 - ab_t)) * x_t
+    return mean, torch.clamp((1 - ab_s) / (1 - ab_t) * beta, min=1e-20)
 
 
 @dataclass

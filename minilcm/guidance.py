@@ -17,6 +17,7 @@ embedding of the empty prompt. A *conditioning* object turns a training batch in
 w = 0 is the conditional model alone. diffusers' ``guidance_scale`` is w + 1 (``LatentConsistencyModelPipeline``
 embeds ``guidance_scale - 1``).
 
+    cfg_combine(eps_c, eps_u, w)                 eps_w from the two predictions
     guided_eps(teacher, x, t, cond, uncond, w)    eps_w, one fused call of 2B rows
     guided_ddim_step(teacher, x, schedule, t, s, cond, uncond, w)   the augmented PF-ODE solver step t -> s
     GuidedEps(teacher, conditioning, w)           the guided teacher as a plain eps-model (for any sampler)
@@ -100,7 +101,13 @@ def guided_eps(teacher: Callable, x: torch.Tensor, t, cond: dict, uncond: dict, 
     t2 = t.expand(B).repeat(2) if t.ndim == 0 else torch.cat([t, t])  # (2B,)
     both = {k: _batch_cat(cond[k], uncond[k], k) for k in cond}
     eps_c, eps_u = model_eps(teacher, torch.cat([x, x]), t2, both).chunk(2)  # (B, ...) each
-    w = broadcast(torch.as_tensor(w), x)
+    return cfg_combine(eps_c, eps_u, w)
+
+
+def cfg_combine(eps_c: torch.Tensor, eps_u: torch.Tensor, w) -> torch.Tensor:
+    """eps_w = (1 + w) eps_c - w eps_u = eps_c + w (eps_c - eps_u): CFG in the LCM convention (w = 0: no guidance;
+    diffusers' guidance_scale = w + 1). w: a scalar or (B,), broadcast over eps's trailing dimensions."""
+    w = broadcast(torch.as_tensor(w), eps_c)
     return (1 + w) * eps_c - w * eps_u
 
 
