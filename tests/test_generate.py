@@ -216,3 +216,21 @@ def test_pixel_stages_train_export_and_sample(tmp_path, cifar_archive):
     r = subprocess.run([sys.executable, "-m", "minilcm.cli", "train", "cd", "--out", str(tmp_path / "x"),
                         "--teacher", str(tmp_path / "cd")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "minilcm train ddpm" in r.stderr
+
+
+def test_plot_model_benchmark_has_linear_fd_axes_and_labelled_floors(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minilcm.bench import plot_model_benchmark
+
+    rows = [dict(model="teacher", sampler="ddim", nfe=n, fd_clf=f, sec_per_image=n * 0.008)
+            for n, f in ((4, 170.0), (25, 104.0))]
+    rows += [dict(model="LCM student", sampler="lcm", nfe=n, fd_clf=f, sec_per_image=0.005 + n * 0.004)
+             for n, f in ((1, 112.0), (4, 100.0))]
+    rows += [dict(model="CIFAR-10 test images", sampler="reference", nfe=None, fd_clf=12.2, sec_per_image=None)]
+    fig = plot_model_benchmark(rows, path=tmp_path / "b.png", title="t")
+    a, b = fig.axes[:2]
+    assert a.get_yscale() == "linear" and a.get_ylim()[0] == 0 and a.get_ylim()[1] > 170
+    assert any("12.2" in t.get_text() for t in a.texts)  # the floor is labelled with its value
+    assert (tmp_path / "b.png").stat().st_size > 0
