@@ -89,7 +89,7 @@ def posterior_mean_ref(schedule, x0, x_t, t):
 
 def _posterior_cases():
     x0, eps = _x0_eps(seed=2)
-    return [Case(f"t = {t}", (LIN, x0, q_sample(LIN, x0, torch.tensor(float(t)), eps), t)) for t in (1, 100, 999)]
+    return [Case(f"t = {t}", (LIN, x0, q_sample(LIN, x0, torch.tensor(float(t)), eps), t)) for t in (1, 100, 999, 0)]
 
 
 def _post(schedule, x0, x_t, t, ab_prev_at, alpha_t):
@@ -106,7 +106,8 @@ register(Exercise(
     "posterior_mean", 1, "The mean of q(x_{t-1} | x_t, x_0)", 2,
     "DDPM Eq. 7: mu = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0 + sqrt(a_t) (1 - alpha_bar_{t-1}) / "
     "(1 - alpha_bar_t) x_t, where DDPM's a_t = 1 - beta_t = alpha_bar_t / alpha_bar_{t-1} (NOT the course's "
-    "alpha_t = sqrt(alpha_bar_t)), and alpha_bar_{-1} = 1.",
+    "alpha_t = sqrt(alpha_bar_t)); t is a Python int, and at t = 0 alpha_bar_{-1} = 1 (schedule.alpha_bar rejects "
+    "-1: handle t = 0 yourself).",
     posterior_mean_ref, _posterior_cases, [
         Mistake(lambda s, x0, x, t: _post(s, x0, x, t, _ab(s, t - 1), s.alpha(torch.tensor(float(t)))),
                 "your mean is off (mean {got_mean:.4g}, expected {want_mean:.4g}): the x_t coefficient needs DDPM's "
@@ -139,8 +140,9 @@ def _ancestral_var(schedule, x_t, t, eps, z, var_of, last_noise=False):
 
 register(Exercise(
     "ancestral_step", 1, "One DDPM ancestral step (Algorithm 2)", 2,
-    "x0 = (x_t - sigma_t eps) / alpha_t, then x_{t-1} = posterior mean + sqrt(beta-tilde_t) z with beta-tilde_t = "
-    "beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (minilcm.diffusion.posterior_mean_var); no noise at t = 0.",
+    "x0 = (x_t - sigma_t eps) / alpha_t, then x_{t-1} = posterior mean (your posterior_mean) + sqrt(beta-tilde_t) z "
+    "with beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t); at t = 0 no noise, and the mean is x0 "
+    "itself (alpha_bar_{-1} = 1).",
     ancestral_step_ref, _ancestral_cases, [
         Mistake(lambda s, x, t, e, z: _ancestral_var(s, x, t, e, z, lambda s, t: posterior_mean_var(
                     s, x, x, float(t), float(t) - 1)[1] ** 2),
@@ -163,8 +165,8 @@ def _cfg_cases():
 
 register(Exercise(
     "cfg", 1, "Classifier-free guidance, the course's convention", 1,
-    "eps_w = (1 + w) eps_cond - w eps_uncond, so w = 0 is the conditional model alone; w may be a scalar or one "
-    "value per row (broadcast it).",
+    "eps_w = (1 + w) eps_cond - w eps_uncond, so w = 0 is the conditional model alone; w is a Python float or a "
+    "(B,) tensor: torch.as_tensor(w), then broadcast it over eps.",
     cfg_combine, _cfg_cases, [
         Mistake(lambda ec, eu, w: _b(torch.as_tensor(w), ec) * ec + (1 - _b(torch.as_tensor(w), ec)) * eu,
                 "your eps_w uses diffusers' guidance_scale convention (w eps_c + (1 - w) eps_u); the course's w is "
