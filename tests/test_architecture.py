@@ -22,7 +22,7 @@ LAYERS = {
     3: ["latents", "evaluator", "viz"],
     4: ["samplers", "minisd", "zoo"],
     5: ["stages", "latent_stages", "exports", "recipes", "solver_bench", "sd"],
-    6: ["generate", "bench", "commands", "cli", "notebook", "exercises", "__init__"],
+    6: ["generate", "bench", "commands", "cli", "notebook", "exercises", "playground", "__init__"],
 }
 LAYER_OF = {m: k for k, ms in LAYERS.items() for m in ms}
 
