@@ -17,7 +17,7 @@ export MINILCM_PROFILE
 # JupyterLab refuses to start as root (containers, classroom VMs) unless told it may
 ALLOW_ROOT  := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: demo test test-fast lab notebooks clean
+.PHONY: demo test test-fast lab notebooks student clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,5 +48,10 @@ notebooks: | $(VENV)/.installed
 	  $(PY) -m jupytext --to ipynb --update -o notebooks/$$(basename $$src .py).ipynb $$src || exit 1; \
 	done
 
+# The student edition: every notebook with its exercise solutions replaced by stubs, outputs cleared, checks kept
+# (minilcm/exercises/edition.py). Written to build/student/; the instructor notebooks are notebooks/*.ipynb.
+student: | $(VENV)/.installed
+	$(PY) -m minilcm.exercises.edition notebooks/src build/student
+
 clean:
-	rm -rf runs data/cache .pytest_cache
+	rm -rf runs data/cache .pytest_cache build/student

@@ -29,6 +29,15 @@
 #
 # The work is sized by one knob, the environment variable `MINILCM_PROFILE`: `fast` (CI, seconds),
 # `cpu` (a laptop, minutes; the default without a GPU) or `gpu`.
+#
+# **Time:** about 15 minutes to read, 20 more for the five exercises; about 1.5 minutes to run (cpu profile,
+# measured on a 2-core CPU). **Needs:** Python and PyTorch basics; no earlier chapter. The symbols are on one page,
+# [the notation sheet](../docs/notation.md).
+#
+# **Exercises.** Where the chapter needs a formula you write it: a function with its solution hidden in the student
+# edition (`make student`), and a `check(...)` after it that compares yours with the package's on cases chosen to
+# catch the usual mistakes, and says which one it found. If you skip one, the chapter goes on with the package's
+# function and says so. (*) is a line or two, (***) a page of thought.
 
 # %%
 import time
@@ -85,13 +94,37 @@ print(f"closed form:            mean {(alpha * x0[0]).tolist()}, std {sigma.item
 assert torch.allclose(x.mean(0), alpha * x0[0], atol=0.02) and torch.allclose(x.std(0), sigma.expand(2), atol=0.01)
 
 # %% [markdown]
-# The one-shot sampler is `minilcm.diffusion.q_sample`. Writing it ourselves takes one line; the package's must agree:
+# ### Exercise 1.1 (*): sample $q(x_t \mid x_0)$ in one shot
+#
+# Write `forward_sample(schedule, x0, t, eps)`, which returns $x_t = \alpha_t x_0 + \sigma_t \epsilon$ for a batch `x0`
+# of any shape and per-row times `t` of shape `(B,)`. *Hint:* `schedule.alpha(t)` and `schedule.sigma(t)` return
+# `(B,)` float64 tensors; `minilcm.schedules.broadcast(v, x)` reshapes one to `(B, 1, 1, ...)`; keep `x0`'s dtype.
+# The package's version is `minilcm.diffusion.q_sample`; the check compares yours with it.
 
 # %%
-def my_q_sample(x0, t, eps):
-    ab = schedule.alphas_cumprod[t].reshape(-1, *[1] * (x0.ndim - 1))
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+from minilcm.exercises import check
+from minilcm.schedules import broadcast
 
+
+def forward_sample(schedule, x0, t, eps):
+    # BEGIN SOLUTION
+    alpha, sigma = broadcast(schedule.alpha(t), x0).to(x0), broadcast(schedule.sigma(t), x0).to(x0)
+    return alpha * x0 + sigma * eps
+    # END SOLUTION
+
+
+forward_sample = check("forward_sample", forward_sample)
+
+# %% [markdown]
+# **Predict, then run.** The next cell noises six test images at eight timesteps. By which $t$ will you no longer be
+# able to tell what the image shows, and how much of it is left at $t = 999$?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* The linear schedule keeps $\alpha_t \ge 0.5$ up to $t \approx 350$, and by then the noise
+# ($\sigma_t \approx 0.85$) already hides the object; at $t = 999$, $\alpha_{999} \approx 0.006$: nothing is left.
+# The figure below and the printed $\alpha_t$ show it.
+
+# %%
 test_set = cifar10("test")
 imgs, labels = test_set[torch.arange(6) * 7]  # six CIFAR-10 test images in [-1, 1], (6, 3, 32, 32)
 ts = torch.tensor([0, 50, 100, 200, 350, 500, 750, 999])
@@ -99,12 +132,14 @@ eps = torch.randn(1, 3, 32, 32).expand(6, 3, 32, 32)
 rows = []
 for t in ts:
     tt = t.repeat(6)
-    mine = my_q_sample(imgs, tt, eps)
+    mine = forward_sample(schedule, imgs, tt, eps)
     assert torch.allclose(mine, q_sample(schedule, imgs, tt, eps), atol=1e-6)
     rows.append(mine)
 grid = torch.stack(rows, 1).reshape(-1, 3, 32, 32)  # image-major: one row per image, one column per t
 ax = show_images(grid, nrow=len(ts), title="x_t = alpha_t x_0 + sigma_t eps   at t = " + ", ".join(map(str, ts.tolist())))
 plt.show()
+print("alpha_t:", {int(t): round(schedule.alpha(float(t)).item(), 3) for t in ts},
+      "| sigma_350:", round(schedule.sigma(350.0).item(), 3))
 
 # %% [markdown]
 # Each row is one image, each column a timestep. By $t = 350$ the class is hard to tell; by $t = 999$ nothing of the image is left
@@ -162,9 +197,44 @@ assert all((Schedule(k).lam(tt)[1:] < Schedule(k).lam(tt)[:-1]).all() for k in [
 # $$L_\text{simple} = \mathbb E_{x_0,\ t\sim\mathcal U\{0..T-1\},\ \epsilon\sim\mathcal N(0,I)}\ \big\lVert \epsilon - \epsilon_\theta(\alpha_t x_0 + \sigma_t\epsilon,\ t)\big\rVert^2 .$$
 #
 # That is `minilcm.diffusion.DenoisingLoss` (which can also target $x_0$ or $v = \alpha_t\epsilon - \sigma_t x_0$).
+# Two of its pieces are yours to write.
+#
+# ### Exercise 1.2 (*): $\hat x_0$ from the predicted noise
+#
+# Write `predict_x0(schedule, x_t, t, eps)`: invert $x_t = \alpha_t x_0 + \sigma_t\epsilon$ for $x_0$. Every sampler in
+# the course forms this estimate (`minilcm.diffusion.eps_to_x0`).
+#
+# ### Exercise 1.3 (**): the posterior mean $\tilde\mu_t$
+#
+# Write `posterior_mean(schedule, x0, x_t, t)`, DDPM Eq. 7 above, for a Python int $t \ge 0$. *Hint:* mind the
+# notation (the sheet's first table): DDPM's $1 - \beta_t$ is $\bar\alpha_t / \bar\alpha_{t-1}$, not the course's
+# $\alpha_t$; `schedule.alpha_bar(t)` takes a float or a tensor in $[0, 999]$, so handle $t = 0$ yourself
+# ($\bar\alpha_{-1} = 1$: the mean is then $x_0$).
 # By Tweedie's formula the optimum is $\epsilon^*(x_t,t) = -\sigma_t \nabla_x \log p_t(x_t)$: **a noise predictor is a score model**,
 # which Chapter 2 builds on.
-#
+
+# %%
+def predict_x0(schedule, x_t, t, eps):
+    # BEGIN SOLUTION
+    return (x_t - broadcast(schedule.sigma(t), x_t).to(x_t) * eps) / broadcast(schedule.alpha(t), x_t).to(x_t)
+    # END SOLUTION
+
+
+predict_x0 = check("predict_x0", predict_x0)
+
+
+# %%
+def posterior_mean(schedule, x0, x_t, t):
+    # BEGIN SOLUTION
+    ab_t, ab_prev = schedule.alpha_bar(float(t)), schedule.alpha_bar(float(t - 1)) if t >= 1 else 1.0
+    beta = 1 - ab_t / ab_prev
+    return (ab_prev ** 0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * x_t
+    # END SOLUTION
+
+
+posterior_mean = check("posterior_mean", posterior_mean)
+
+# %% [markdown]
 # ## 3. A 2-D DDPM, trained in seconds
 #
 # Our data: a mixture of 8 Gaussians on a ring, in 4 classes (pairs of neighbouring blobs). Because it is a mixture, its density
@@ -195,24 +265,48 @@ loss_curve(result.losses); plt.show()
 # ### Ancestral sampling
 #
 # Start from $x_T \sim \mathcal N(0, I)$ and apply the learned reverse step 1000 times: predict $\epsilon$, form $\hat x_0$, take the
-# posterior mean $\tilde\mu_t(x_t, \hat x_0)$ and add $\sqrt{\tilde\beta_t}\,z$ (DDPM Algorithm 2). Here is one step written out;
-# the package's `ddpm` sampler must agree with it.
+# posterior mean $\tilde\mu_t(x_t, \hat x_0)$ and add $\sqrt{\tilde\beta_t}\,z$ (DDPM Algorithm 2).
+#
+# ### Exercise 1.4 (**): one ancestral step
+#
+# Write `ancestral_step(schedule, x_t, t, eps, z)`: from the network's `eps` at an integer $t$ and a standard normal
+# `z`, return $x_{t-1}$ (`t` a Python int). *Hint:* reuse your `predict_x0` and `posterior_mean`; the variance is
+# $\tilde\beta_t = \beta_t (1 - \bar\alpha_{t-1}) / (1 - \bar\alpha_t)$, and the last step ($t = 0$) adds no noise.
+# The package's `ddpm` sampler must agree with it: the cell after the check runs both from the same $x$ and $z$.
 
 # %%
-@torch.no_grad()
-def my_ancestral_step(eps_model, x, t, z):
-    ab_t, ab_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t - 1]
-    beta = schedule.betas[t]
-    eps = eps_model(x, torch.full((len(x),), float(t)))
-    x0_hat = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
-    mean = ab_prev.sqrt() * beta / (1 - ab_t) * x0_hat + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t) * x
-    return mean + ((1 - ab_prev) / (1 - ab_t) * beta).sqrt() * z
+def ancestral_step(schedule, x_t, t, eps, z):
+    # BEGIN SOLUTION
+    x0_hat = predict_x0(schedule, x_t, torch.tensor(float(t)), eps)
+    mean = posterior_mean(schedule, x0_hat, x_t, t)
+    if t == 0:
+        return mean
+    ab_t, ab_prev = schedule.alpha_bar(float(t)), schedule.alpha_bar(float(t - 1))
+    beta_tilde = (1 - ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t)
+    return mean + beta_tilde ** 0.5 * z
+    # END SOLUTION
 
+
+ancestral_step = check("ancestral_step", ancestral_step)
+
+# %%
 ema = result.ema
 x = torch.randn(5, 2)
 z = torch.randn(5, 2, generator=torch.Generator().manual_seed(9))
 ours = ddpm(ema, x, schedule, [500, 499], generator=torch.Generator().manual_seed(9), return_trajectory=True).trajectory[1]
-assert torch.allclose(my_ancestral_step(ema, x, 500, z), ours, atol=1e-5)
+with torch.no_grad():
+    eps_500 = ema(x, torch.full((5,), 500.0))
+assert torch.allclose(ancestral_step(schedule, x, 500, eps_500, z), ours, atol=1e-5)
+print("your step from t = 500 equals the package's ddpm sampler's")
+
+# %% [markdown]
+# **Predict, then run.** The next cell samples 2000 points with 1000 such steps and plots them after 0, 700 and 1000
+# steps. After 700 steps ($t = 299$), will the points already sit on the eight blobs?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* Not yet. At $t = 299$ of the linear schedule $\alpha \approx 0.63$ and $\sigma \approx 0.78$ (printed
+# below), so a sample there is a data point shrunk by 0.63 plus noise of std 0.78: a blurred cloud over the ring. The
+# blobs separate in the last 300 steps, where most of the visible work happens.
 
 # %%
 n = 2000
@@ -221,6 +315,7 @@ t0 = time.perf_counter()
 out = ddpm(ema, x_T, schedule, schedule.timesteps(1000), generator=torch.Generator().manual_seed(3),
            return_trajectory=True)
 print(f"1000-step ancestral sampling of {n} points: {time.perf_counter() - t0:.1f} s, NFE = {out.nfe}")
+print(f"at t = 299: alpha {schedule.alpha(299.0).item():.2f}, sigma {schedule.sigma(299.0).item():.2f}")
 
 fresh, _ = mixture.sample(n, torch.Generator().manual_seed(4))
 d_samples, d_noise, d_floor = (sliced_wasserstein(a, data_x) for a in (out.x, x_T, fresh))
@@ -230,7 +325,7 @@ fig, axes = plt.subplots(1, 4, figsize=(16, 4))
 lp = mixture.log_prob
 for ax, step, title in zip(axes[:3], [0, 700, 1000], ["x_T (noise)", "after 700 steps (t = 299)", "after 1000 steps"]):
     scatter_2d(out.trajectory[step], ax, log_prob=lp, title=title)
-trajectories([p[:40] for p in out.trajectory[::10]], axes[3], title="40 paths (every 10th step)")
+trajectories([p[:12] for p in out.trajectory[700::10]], axes[3], title="12 paths, last 300 steps (every 10th)")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
@@ -248,6 +343,24 @@ assert d_samples < 3.0 * d_floor, "the samples should be within a small factor o
 #
 # The model was trained with labels (and 10% of the time without). Passing a label picks its pair of blobs — plain
 # conditioning, no guidance yet (Chapter 5 adds classifier-free guidance). Each class's samples should sit on that class's blobs.
+#
+# ### Exercise 1.5 (*): the guided noise
+#
+# Classifier-free guidance mixes the two predictions the network can make, with and without the label. Write
+# `cfg(eps_c, eps_u, w)` $= (1 + w)\,\epsilon_c - w\,\epsilon_u$, the course's convention (so $w = 0$ is plain
+# conditioning, and diffusers' `guidance_scale` is $w + 1$; see the notation sheet). `w` is a Python float or a `(B,)`
+# tensor (one value per row): `torch.as_tensor(w)`, then broadcast it. Chapter 5 derives CFG and uses it;
+# `minilcm.guidance.cfg_combine` is the package's.
+
+# %%
+def cfg(eps_c, eps_u, w):
+    # BEGIN SOLUTION
+    w = broadcast(torch.as_tensor(w), eps_c)
+    return (1 + w) * eps_c - w * eps_u
+    # END SOLUTION
+
+
+cfg = check("cfg", cfg)
 
 # %%
 labels = torch.arange(4).repeat_interleave(250)
@@ -321,7 +434,7 @@ show_images(imgs, nrow=8, title=f"CIFAR-10 samples ({info['source']})"); plt.sho
 assert imgs.shape == (n_img, 3, 32, 32) and torch.isfinite(imgs).all()
 
 # %% [markdown]
-# ## What you just saw
+# ## Summary
 #
 # * The forward process $x_t = \alpha_t x_0 + \sigma_t \epsilon$ — checked against the step-by-step Markov chain — and three
 #   schedules that differ in how fast the log-SNR falls.
@@ -332,6 +445,19 @@ assert imgs.shape == (n_img, 3, 32, 32) and torch.isfinite(imgs).all()
 #
 # **The catch:** sampling took **1000 network evaluations**. The rest of the course is about cutting that to 4 or fewer:
 # Chapter 2 recasts sampling as an ODE, Chapter 3 solves that ODE in 10–20 steps, and Chapters 4–5 learn to jump along it in one.
+#
+# ## Reading
+#
+# * Ho, Jain & Abbeel 2020, *Denoising Diffusion Probabilistic Models* ([arXiv 2006.11239](https://arxiv.org/abs/2006.11239)):
+#   Sec. 2 (the forward process, Eq. 4; the posterior, Eq. 6–7), Sec. 3.2 (the reverse step and Eq. 12, the simple
+#   loss Eq. 14), Algorithms 1–2.
+# * Nichol & Dhariwal 2021, *Improved DDPM* ([arXiv 2102.09672](https://arxiv.org/abs/2102.09672)), Sec. 3.2: the
+#   cosine schedule.
+# * Ho & Salimans 2022, *Classifier-Free Diffusion Guidance* ([arXiv 2207.12598](https://arxiv.org/abs/2207.12598)),
+#   Sec. 3: training with a null label, and the guided eps.
+# * Karras et al. 2022, *EDM* ([arXiv 2206.00364](https://arxiv.org/abs/2206.00364)), Sec. 5: preconditioning;
+#   Salimans & Ho 2022, *Progressive Distillation* ([arXiv 2202.00512](https://arxiv.org/abs/2202.00512)), Sec. 4:
+#   v-prediction and the SNR+1 weighting.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s (profile {PROFILE})")

@@ -29,6 +29,11 @@
 # 6. on CIFAR-10: the same noise gives the same image, and noises can be interpolated.
 #
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI, seconds), `cpu` (a laptop, minutes) or `gpu`.
+#
+# **Time:** about 20 minutes to read, 20 more for the five exercises; about 1–2 minutes to run (cpu profile, measured
+# on a 2-core CPU). **Needs:** Chapter 1 (the forward process, and $\epsilon \leftrightarrow$ score). Symbols:
+# [the notation sheet](../docs/notation.md). Each exercise is checked by `minilcm.exercises.check`, which names the
+# mistake it finds; a skipped one falls back to the package.
 
 # %%
 import math
@@ -48,6 +53,8 @@ from minilcm.sde import (diffusion_coef, drift_coef, euler_step, forward_sde, he
 from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.train import TrainConfig, train
 from minilcm.viz import density_contours, scatter_2d, show_images, trajectories
+from minilcm.exercises import check
+from minilcm.schedules import broadcast
 
 # Every tensor here is small (2-D points, a few 32x32 images): one thread avoids the threading overhead, which on a
 # busy machine can make such small operations 50x slower.
@@ -96,6 +103,21 @@ ax[1].plot(tc, schedule.alpha(tc), label=r"$\alpha_t$ (signal)")
 ax[1].plot(tc, schedule.sigma(tc), label=r"$\sigma_t$ (noise)")
 ax[1].set_xlabel("t"); ax[1].set_title(r"$\alpha_t^2 + \sigma_t^2 = 1$"); ax[1].legend()
 plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ### Exercise 2.1 (*): the VP-SDE's drift
+#
+# Write `vp_drift(schedule, x, t)` $= f(t)\,x = -\tfrac12\beta(t)\,x$ for per-row times `t` of shape `(B,)`.
+# *Hint:* `schedule.beta(t)` is the continuous rate plotted above; broadcast it over `x` and keep `x`'s dtype.
+
+# %%
+def vp_drift(schedule, x, t):
+    # BEGIN SOLUTION
+    return -0.5 * broadcast(schedule.beta(t), x).to(x) * x
+    # END SOLUTION
+
+
+vp_drift = check("vp_drift", vp_drift)
 
 # %% [markdown]
 # **The SDE's marginals are DDPM's.** Take the mean $m$ and variance $v$ of $x_t$ given $x_0$. Itô's formula for a
@@ -166,6 +188,11 @@ plt.tight_layout(); plt.show()
 # has **the same marginals $p_t$** as the SDE. The last form uses Chapter 1's $\nabla\log p_t = -\epsilon/\sigma_t$: any
 # eps-model plugs in. Here the model is the **oracle** `OracleEps`: the mixture's exact $\epsilon$, so whatever error
 # we see below belongs to the *solver*. First, our own velocity, from the score form, against the package:
+#
+# ### Exercise 2.2 (**): the PF-ODE's velocity from a predicted noise
+#
+# Write `velocity(schedule, x, t, eps)` $= -\tfrac12\beta(t)\,(x - \epsilon/\sigma_t)$, the last form above, for
+# per-row `t`. *Hint:* the ODE takes *half* of the reverse SDE's score term; the score is $-\epsilon/\sigma_t$.
 
 # %%
 oracle = OracleEps(mixture, schedule)
@@ -181,6 +208,26 @@ x_probe = torch.randn(256, 2, dtype=torch.float64)
 for t_probe in (999.0, 400.5, 20.25, 0.0):
     assert torch.allclose(my_velocity(x_probe, t_probe), pf_ode_velocity(oracle, x_probe, schedule, t_probe), rtol=1e-5, atol=1e-10)
 print("pf_ode_velocity == f x - 1/2 g^2 score  at t = 999, 400.5, 20.25, 0")
+
+
+# %%
+def velocity(schedule, x, t, eps):
+    # BEGIN SOLUTION
+    beta, sigma = broadcast(schedule.beta(t), x).to(x), broadcast(schedule.sigma(t), x).to(x)
+    return -0.5 * beta * (x - eps / sigma)
+    # END SOLUTION
+
+
+velocity = check("pf_ode_velocity", velocity)
+
+# %% [markdown]
+# **Predict, then run.** The next cell starts the reverse SDE and the PF-ODE from the *same* noise $x_{999}$. Will each
+# pair of paths end at the same point? And will the two *sets* of end points look alike?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* Not the same points: the SDE adds fresh noise at every step, so its paths wander into blobs of their own
+# choosing (the right panel shows five pairs apart), while the ODE's are smooth. But both sets are samples of the same
+# mixture: their sliced Wasserstein distances to the data are both near the noise floor, printed below.
 
 # %% [markdown]
 # Now both samplers from **the same starting noise** $x_{999} \sim \mathcal N(0, I)$. The reverse SDE uses Euler–Maruyama;
@@ -272,19 +319,39 @@ plt.tight_layout(); plt.show()
 #   $x_s = x_t + \tfrac h2\,[v(x_t,t) + v(\tilde x, s)]$ — two NFE per step; global error $O(h^2)$.
 #
 # These one-step functions, `minilcm.sde.euler_step(model, x, schedule, t, s)` and `heun_step(...)`, are what
-# Chapter 4's consistency distillation calls. Ours, written out here, must agree with them bit for bit:
+# Chapter 4's consistency distillation calls.
+#
+# ### Exercises 2.3 (*) and 2.4 (**): an Euler step and a Heun step
+#
+# Write `my_euler_step(model, x, schedule, t, s)` and `my_heun_step(model, x, schedule, t, s)`, one step of the PF-ODE
+# from time `t` to time `s` with an eps-model `model`. *Hint:* `pf_ode_velocity(model, x, schedule, t)` (imported
+# above) gives $v(x, t)$; the step $h = s - t$ is negative when sampling.
 
 # %%
-def my_heun(model, x, t, s):
+def my_euler_step(model, x, schedule, t, s):
+    # BEGIN SOLUTION
+    return x + (s - t) * pf_ode_velocity(model, x, schedule, t)
+    # END SOLUTION
+
+
+my_euler_step = check("euler_step", my_euler_step)
+
+
+# %%
+def my_heun_step(model, x, schedule, t, s):
+    # BEGIN SOLUTION
     h = s - t
     v_t = pf_ode_velocity(model, x, schedule, t)
     return x + h / 2 * (v_t + pf_ode_velocity(model, x + h * v_t, schedule, s))
+    # END SOLUTION
 
 
+my_heun_step = check("heun_step", my_heun_step)
 x_probe = torch.randn(64, 2, dtype=torch.float64)
-assert torch.equal(my_heun(oracle, x_probe, 500.0, 450.0), heun_step(oracle, x_probe, schedule, 500.0, 450.0))
-assert torch.equal(x_probe + (450.0 - 500.0) * pf_ode_velocity(oracle, x_probe, schedule, 500.0),
-                   euler_step(oracle, x_probe, schedule, 500.0, 450.0))
+assert torch.allclose(my_heun_step(oracle, x_probe, schedule, 500.0, 450.0),
+                      heun_step(oracle, x_probe, schedule, 500.0, 450.0), rtol=1e-6, atol=1e-9)
+assert torch.allclose(my_euler_step(oracle, x_probe, schedule, 500.0, 450.0),
+                      euler_step(oracle, x_probe, schedule, 500.0, 450.0), rtol=1e-6, atol=1e-9)
 
 # %% [markdown]
 # **Measuring the order.** Halve the step size repeatedly and watch the error to the exact solution: it should fall
@@ -299,6 +366,12 @@ assert torch.equal(x_probe + (450.0 - 500.0) * pf_ode_velocity(oracle, x_probe, 
 # there; steps *uniform in $\lambda$* put the work where the solution changes. We measure both:
 # `schedule.timesteps(N + 1, "lambda")` and `schedule.timesteps(N + 1, "linspace")` are the two N-step grids from
 # 999 to 0 (any N: unlike the integer grids, the continuous spacings are not capped at the schedule's 1000 steps).
+#
+# **Predict, then run.** Each halving of the step size: by what factor will Euler's error fall, and Heun's?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* By 2 for Euler and 4 for Heun: their global errors are $O(h)$ and $O(h^2)$. The printed "order per
+# halving" below is $\log_2$ of that factor, and comes out near 1 and 2 with uniform-in-$\lambda$ steps.
 
 # %%
 def lambda_grid(n_steps):
@@ -337,6 +410,26 @@ plt.tight_layout(); plt.show()
 
 for method, p in (("euler", 1), ("heun", 2)):
     assert all(abs(o - p) < 0.3 for o in orders["uniform in lambda", method]), (method, orders["uniform in lambda", method])
+
+# %% [markdown]
+# ### Exercise 2.5 (**): one number for the order
+#
+# The orders per halving above are local. Write `order(nfe, err)`, the empirical order $p$ in
+# $\text{err} \approx C\,\text{NFE}^{-p}$ over all the points: minus the least-squares slope of $\log\text{err}$ against
+# $\log\text{NFE}$. Chapter 3 reports every solver's order this way (`minilcm.metrics.power_law_order`).
+
+# %%
+def order(nfe, err):
+    # BEGIN SOLUTION
+    x, y = torch.log(torch.tensor(nfe, dtype=torch.float64)), torch.log(torch.tensor(err, dtype=torch.float64))
+    xc = x - x.mean()
+    return float(-(xc * (y - y.mean())).sum() / (xc * xc).sum())
+    # END SOLUTION
+
+
+order = check("convergence_order", order)
+for method, k in (("euler", 1), ("heun", 2)):
+    print(f"{method}: fitted order {order([N * k for N in Ns], errors['uniform in lambda', method]):.2f}")
 
 # %% [markdown]
 # Euler's error halves and Heun's quarters with each halving of the step: orders 1 and 2, as the theory says. Per NFE,
@@ -524,7 +617,7 @@ plt.tight_layout(); plt.show()
 # like its end images). With the shipped checkpoint the slerp row morphs between two scenes; with a briefly trained stand-in the pictures
 # themselves mean little — the determinism and the continuity are the point.
 #
-# ## What you just saw
+# ## Summary
 #
 # * DDPM's chain is the **VP-SDE** $dx = -\tfrac12\beta(t)x\,dt + \sqrt{\beta(t)}\,dw$ with $\beta(t) = -\tfrac{d}{dt}\log\bar\alpha_t$;
 #   its moments reproduce $\bar\alpha_t$ exactly, and simulated particles match the exact marginals $p_t$.
@@ -540,6 +633,17 @@ plt.tight_layout(); plt.show()
 #
 # **Next:** 25 Heun steps is still 50 NFE. Chapter 3 exploits the ODE's structure — its linear part can be solved exactly —
 # to get DDIM and DPM-Solver, which need 10–20 NFE.
+#
+# ## Reading
+#
+# * Song et al. 2021, *Score-Based Generative Modeling through SDEs* ([arXiv 2011.13456](https://arxiv.org/abs/2011.13456)):
+#   Sec. 2–3 (the forward and reverse SDEs, Eq. 5–6; the VP-SDE, Eq. 11), Sec. 4.3 (the probability-flow ODE,
+#   Eq. 13, and encoding), App. D (its derivation from Fokker–Planck).
+# * Anderson 1982, *Reverse-time diffusion equation models*, Stochastic Processes and their Applications 12: the
+#   reverse SDE.
+# * Karras et al. 2022, *EDM* ([arXiv 2206.00364](https://arxiv.org/abs/2206.00364)), Sec. 3 and Algorithm 1: Heun's
+#   method for the PF-ODE, and why the step spacing matters.
+# * Särkkä & Solin 2019, *Applied Stochastic Differential Equations*, Ch. 5: the moments of a linear SDE.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s (profile {PROFILE})")

@@ -30,6 +30,11 @@
 # The samplers live in `minilcm.solvers` (one function each, one signature), the measurements in `minilcm.solver_bench`.
 #
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI, about a minute), `cpu` (a laptop, minutes), `gpu`.
+#
+# **Time:** about 20 minutes to read, 30 more for the five exercises; about 4 minutes to run (cpu profile, measured
+# on a 2-core CPU). **Needs:** Chapter 2 (the PF-ODE, Euler and Heun, orders of convergence). Symbols:
+# [the notation sheet](../docs/notation.md). Each exercise's `check` names the mistake it finds; a skipped one falls
+# back to the package.
 
 # %%
 import itertools
@@ -50,6 +55,7 @@ from minilcm.solver_bench import DEFAULT_SOLVERS, reference_solution, rms, solve
 from minilcm.solvers import alpha_sigma_lam, ddim, ddim_step, dpm_solver, dpm_solver_pp, spaced_timesteps
 from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.viz import error_vs_nfe, image_grid, scatter_2d
+from minilcm.exercises import check
 
 PROFILE = setup()  # one thread in the fast profile (CI's shared cores), warning filters, seed 0, compact figures
 T0 = time.perf_counter()
@@ -79,8 +85,30 @@ schedule = Schedule("linear")
 #
 # $$x_s = \alpha_s\underbrace{\frac{x_t - \sigma_t\epsilon_\theta}{\alpha_t}}_{\hat x_0} + \sigma_s\,\epsilon_\theta(x_t, t),$$
 #
-# which is exactly the deterministic DDIM update (Eq. 12 with $\eta = 0$). Let us write the Euler step ourselves and
-# compare it with the package's `ddim_step`:
+# which is exactly the deterministic DDIM update (Eq. 12 with $\eta = 0$).
+#
+# ### Exercise 3.1 (*): the DDIM step
+#
+# Write `my_ddim_step(schedule, x, t, s, eps)` in the $\hat x_0$ form above, for float times `t` > `s`; `s = -1`
+# means clean data ($\alpha = 1$, $\sigma = 0$). *Hint:* `minilcm.diffusion.alpha_bar_at(schedule, s)` returns
+# $\bar\alpha_s$ and handles $s = -1$.
+
+# %%
+from minilcm.diffusion import alpha_bar_at
+
+
+def my_ddim_step(schedule, x, t, s, eps):
+    # BEGIN SOLUTION
+    ab_t, ab_s = alpha_bar_at(schedule, t), alpha_bar_at(schedule, s)
+    x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    return ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+    # END SOLUTION
+
+
+my_ddim_step = check("ddim_step", my_ddim_step)
+
+# %% [markdown]
+# And the same step as an Euler step of the ODE in $(\bar\sigma, \bar x)$, against yours:
 
 # %%
 def euler_in_sigma_bar(x_t, t, s, eps):
@@ -95,15 +123,22 @@ x_t = torch.randn(1000, 2, dtype=torch.float64)
 eps = torch.randn(1000, 2, dtype=torch.float64)
 for t, s in [(999, 899), (500, 300), (40, 0)]:
     mine = euler_in_sigma_bar(x_t, t, s, eps)
-    assert torch.allclose(mine, ddim_step(schedule, x_t, t, s, eps), atol=1e-5), (t, s)
-print("Euler on d(x/alpha) = eps d(sigma/alpha)  ==  minilcm.solvers.ddim_step")
+    assert torch.allclose(mine, my_ddim_step(schedule, x_t, float(t), float(s), eps), atol=1e-5), (t, s)
+print("Euler on d(x/alpha) = eps d(sigma/alpha)  ==  the DDIM step")
 
 # %% [markdown]
 # **Why it matters.** If the data were a single point $x^\star$, then $\epsilon_\theta = (\bar x - x^\star)/\bar\sigma$
 # and the solution $\bar x(\bar\sigma) = x^\star + \bar\sigma\,\epsilon$ is a *straight line* in $(\bar\sigma, \bar x)$:
 # Euler, hence DDIM, is exact in **one** step. In the original variables $(t, x)$ the same path is curved, and Euler
 # in $t$ (Chapter 2's `minilcm.sde.pf_ode(method="euler")`) needs many steps. We check it on a mixture with one very
-# narrow component (std $10^{-3}$), whose exact eps-model `OracleEps` we have:
+# narrow component (std $10^{-3}$), whose exact eps-model `OracleEps` we have.
+#
+# **Predict, then run.** How large will one DDIM step's error be on that data set, and how many Euler-in-$t$ steps
+# will reach the same accuracy: 1, 10 or 100?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* One DDIM step is exact up to the component's width (error below $10^{-3}$, printed below). Euler in $t$
+# is still worse than that after 10 steps; the printed errors at 1, 10 and 100 steps show how slowly it closes in.
 
 # %%
 point = GaussianMixture(means=[[1.0, -0.5]], covs=[[[1e-6, 0.0], [0.0, 1e-6]]])
@@ -154,6 +189,22 @@ assert rms(one_ddim.x, exact) < 1e-3 < euler_err[10]
 # (`solvers._dpm_solver_2` / `_dpm_solver_3` are these lines, with general fractions $r_1$, $r_2$ of $h$.)
 #
 # DPM-Solver-$k$ costs $k$ NFE per step and its global error falls like $h^k \propto \text{NFE}^{-k}$.
+#
+# ### Exercise 3.2 (*): the clock $\lambda_t$
+#
+# Write `half_log_snr(schedule, t)` $= \lambda_t = \log(\alpha_t / \sigma_t)$ for a float64 tensor `t` (fractional
+# times too). It is `schedule.lam`; write it from `schedule.alpha` and `schedule.sigma`.
+
+# %%
+def half_log_snr(schedule, t):
+    # BEGIN SOLUTION
+    return torch.log(schedule.alpha(t) / schedule.sigma(t))
+    # END SOLUTION
+
+
+half_log_snr = check("half_log_snr", half_log_snr)
+
+# %% [markdown]
 # First, the closed-form weight against numerical quadrature:
 
 # %%
@@ -169,32 +220,42 @@ assert abs(quadrature - sg_t * math.expm1(h)) < 1e-8
 # %% [markdown]
 # Now one DPM-Solver-2 step written from the formula (Algorithm 1), checked against the package. The midpoint
 # $s_1$ lives in $\lambda$; `schedule.t_of_lam` maps it back to a (continuous) timestep for the network.
+#
+# ### Exercise 3.3 (***): one DPM-Solver-2 step
+#
+# Write `my_dpm_solver_2_step(model, x, schedule, t, s)`, one step from `t` to `s < t` with an eps-model (here the
+# course's time order $t \to s$; the paper's formula above runs $s \to t$). *Hint:*
+# `alpha_sigma_lam(schedule, u)` returns $(\alpha_u, \sigma_u, \lambda_u)$ as floats at any timestep; the midpoint's
+# timestep is `schedule.t_of_lam(lambda_mid).item()`; call the model as `model(x, torch.full((len(x),), u))`.
 
 # %%
 mixture = GaussianMixture()  # 8 Gaussians on a ring, 4 classes
 oracle = OracleEps(mixture, schedule)  # the exact eps(x, t) = -sigma_t * score
 
 
-def my_dpm_solver_2_step(x, s, t):
-    """DPM-Solver-2 (Algorithm 1) from s to t < s, with the oracle as eps-model."""
-    # alpha_sigma_lam(schedule, u) = (alpha_u, sigma_u, lambda_u) at a (possibly continuous) timestep u, as floats
-    (a_s, _, lam_s), (a_t, sg_t, lam_t) = alpha_sigma_lam(schedule, s), alpha_sigma_lam(schedule, t)
-    h = lam_t - lam_s
-    s1 = schedule.t_of_lam(lam_s + h / 2).item()  # the midpoint in lambda, as a timestep
-    a_s1, sg_s1, _ = alpha_sigma_lam(schedule, s1)
-    eps_s = oracle(x, torch.full((len(x),), float(s)))
-    u = a_s1 / a_s * x - sg_s1 * math.expm1(h / 2) * eps_s
-    return a_t / a_s * x - sg_t * math.expm1(h) * oracle(u, torch.full((len(x),), s1))
+def my_dpm_solver_2_step(model, x, schedule, t, s):
+    # BEGIN SOLUTION
+    (a_t, _, lam_t), (a_s, sg_s, lam_s) = alpha_sigma_lam(schedule, t), alpha_sigma_lam(schedule, s)
+    h = lam_s - lam_t
+    m = schedule.t_of_lam(lam_t + h / 2).item()  # the midpoint in lambda, as a timestep
+    a_m, sg_m, _ = alpha_sigma_lam(schedule, m)
+    eps_t = model(x, torch.full((len(x),), float(t)))
+    u = a_m / a_t * x - sg_m * math.expm1(h / 2) * eps_t
+    return a_s / a_t * x - sg_s * math.expm1(h) * model(u, torch.full((len(x),), m))
+    # END SOLUTION
 
 
+my_dpm_solver_2_step = check("dpm_solver_2_step", my_dpm_solver_2_step)
+
+# %%
 x = torch.randn(1000, 2, dtype=torch.float64)
-mine = my_dpm_solver_2_step(x, 700, 300)
+mine = my_dpm_solver_2_step(oracle, x, schedule, 700.0, 300.0)
 pkg = dpm_solver(oracle, x, schedule, [700, 300], order=2, denoise_to_zero=False)
 assert pkg.nfe == 2 and torch.allclose(mine, pkg.x, atol=1e-8)
 ddim_x = ddim(oracle, x, schedule, [700, 300], denoise_to_zero=False).x
 dpm1_x = dpm_solver(oracle, x, schedule, [700, 300], order=1, denoise_to_zero=False).x
 assert torch.allclose(ddim_x, dpm1_x, atol=1e-6)
-print("my DPM-Solver-2 step == minilcm.solvers.dpm_solver(order=2);  DDIM == DPM-Solver-1")
+print("the DPM-Solver-2 step == minilcm.solvers.dpm_solver(order=2);  DDIM == DPM-Solver-1")
 
 # %% [markdown]
 # **DPM-Solver++(2M).** Write the same exact solution with the data prediction
@@ -214,6 +275,28 @@ print("my DPM-Solver-2 step == minilcm.solvers.dpm_solver(order=2);  DDIM == DPM
 # (and, in Chapter 5, classifier-free guidance) stable. `dpm_solver_pp` agrees with diffusers'
 # `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")` to $10^{-5}$ (tests/test_solvers.py).
 #
+# ### Exercise 3.4 (***): the DPM-Solver++(2M) update
+#
+# Write `pp_update(schedule, x, t_prev, t_cur, t_next, x0_prev, x0_cur)`: the step from `t_cur` to `t_next` given the
+# data predictions at the two latest times (`x0_cur` at `t_cur`, `x0_prev` at `t_prev`). *Hint:* with
+# $h = \lambda_\text{next} - \lambda_\text{cur}$ and $r = (\lambda_\text{cur} - \lambda_\text{prev})/h$, the formula above.
+
+# %%
+def pp_update(schedule, x, t_prev, t_cur, t_next, x0_prev, x0_cur):
+    # BEGIN SOLUTION
+    _, sg_c, lam_c = alpha_sigma_lam(schedule, t_cur)
+    a_n, sg_n, lam_n = alpha_sigma_lam(schedule, t_next)
+    lam_p = alpha_sigma_lam(schedule, t_prev)[2]
+    h = lam_n - lam_c
+    r = (lam_c - lam_p) / h
+    D = (1 + 1 / (2 * r)) * x0_cur - 1 / (2 * r) * x0_prev
+    return sg_n / sg_c * x - a_n * math.expm1(-h) * D
+    # END SOLUTION
+
+
+pp_update = check("dpm_solver_pp_update", pp_update)
+
+# %% [markdown]
 # ## 3. Convergence orders, measured
 #
 # On the mixture, the oracle makes the ODE exact, so the distance to a converged solution from the same noise is pure
@@ -221,6 +304,13 @@ print("my DPM-Solver-2 step == minilcm.solvers.dpm_solver(order=2);  DDIM == DPM
 # without the final jump to clean data, so the measured slopes are those of the ODE solvers alone (`denoise_to_zero=False`).
 # The reference is DPM-Solver-3 with many more steps. The four solvers are the benchmark's defaults,
 # `minilcm.solver_bench.DEFAULT_SOLVERS`: {label: (sampler name in `minilcm.samplers`, keyword arguments)}.
+#
+# **Predict, then run.** At the smallest budget, 6 NFE, which is most accurate: DPM-Solver-3 (two steps of 3 NFE)
+# or DPM-Solver++(2M) (six steps of 1 NFE)?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* DPM-Solver++(2M): two third-order steps across the whole $\lambda$ range are too long for the Taylor
+# expansion to hold. The plot's leftmost points show it; high order pays only once the steps are short.
 
 # %%
 SOLVERS = DEFAULT_SOLVERS
@@ -265,6 +355,24 @@ for name, k in expected.items():
 # timestep). `solver_benchmark` reports the error to the converged solution and the sliced Wasserstein distance
 # to fresh data samples. Where the timesteps sit matters as much as the solver, so we compare three spacings:
 # uniform in $\lambda$, uniform in time ("linspace") and diffusers' "trailing" grid.
+#
+# ### Exercise 3.5 (**): a grid uniform in $\lambda$
+#
+# Write `my_lambda_grid(schedule, n)`: `n` float64 times from $T - 1 = 999$ down to 0, evenly spaced in $\lambda$
+# (`spaced_timesteps(schedule, n, "lambda")` is the package's). *Hint:* `torch.linspace` between $\lambda_{999}$ and
+# $\lambda_0$, then `schedule.t_of_lam`; pin the two ends to exactly 999 and 0.
+
+# %%
+def my_lambda_grid(schedule, n):
+    # BEGIN SOLUTION
+    lam = torch.linspace(schedule.lam(999.0).item(), schedule.lam(0.0).item(), n, dtype=torch.float64)
+    ts = schedule.t_of_lam(lam).double()
+    ts[0], ts[-1] = 999.0, 0.0
+    return ts
+    # END SOLUTION
+
+
+my_lambda_grid = check("lambda_grid", my_lambda_grid)
 
 # %%
 n_data = pick(fast=300, cpu=2000)
@@ -415,7 +523,7 @@ assert e_ddim < e_euler
 print(f"notebook time: {time.perf_counter() - T0:.0f} s (profile {PROFILE})")
 
 # %% [markdown]
-# ## What you just saw
+# ## Summary
 #
 # * **DDIM is the Euler method** applied to the PF-ODE rewritten as $d(x/\alpha) = \epsilon_\theta\, d(\sigma/\alpha)$; the
 #   linear part of the ODE disappears, and for a single data point the path is straight and one step is exact.
@@ -428,3 +536,12 @@ print(f"notebook time: {time.perf_counter() - T0:.0f} s (profile {PROFILE})")
 #   timesteps uniform in $\lambda$ beat timesteps uniform in time.
 # * All of this is training-free and stops around 10-20 NFE. To go to 1-4 steps we must *train* a model to jump
 #   along the ODE: consistency models, Chapter 4.
+#
+# ## Reading
+#
+# * Song, Meng & Ermon 2021, *DDIM* ([arXiv 2010.02502](https://arxiv.org/abs/2010.02502)): Sec. 4.1 (Eq. 12, the
+#   update) and Sec. 4.3 (Eq. 14, DDIM as an ODE in $\sigma/\alpha$).
+# * Lu et al. 2022, *DPM-Solver* ([arXiv 2206.00927](https://arxiv.org/abs/2206.00927)): Sec. 3.1–3.3 (the exact
+#   solution, Eq. 3.4; Algorithms 1–2) and Sec. 3.4 / App. D (DPM-Solver-fast's order allocation).
+# * Lu et al. 2022b, *DPM-Solver++* ([arXiv 2211.01095](https://arxiv.org/abs/2211.01095)): Sec. 4 (the data-prediction
+#   form) and Algorithm 2 (the 2M multistep update).

@@ -30,9 +30,15 @@
 # The consistency function, CD and sampling live in `minilcm.consistency`, consistency training (iCT) in `minilcm.ict`;
 # the CIFAR recipe in `minilcm.recipes.cifar_cd_student`.
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI), `cpu` (a laptop, a few minutes), `gpu`.
+#
+# **Time:** about 20 minutes to read, 25 more for the five exercises; about 7 minutes to run (cpu profile, measured
+# on a 2-core CPU). **Needs:** Chapters 2–3 (the PF-ODE, Heun, DDIM). Symbols, and the three meanings of $s$:
+# [the notation sheet](../docs/notation.md). Each exercise's `check` names the mistake it finds; a skipped one falls
+# back to the package.
 
 # %%
 import copy
+import math
 import time
 
 import matplotlib.pyplot as plt
@@ -56,6 +62,7 @@ from minilcm.solvers import ddim, spaced_timesteps
 from minilcm.toys import GaussianMixture, OracleEps
 from minilcm.train import TrainConfig, train
 from minilcm.viz import image_grid, scatter_2d
+from minilcm.exercises import check
 
 N_THREADS = torch.get_num_threads()
 PROFILE = setup(threads=1)  # the 2-D tensors are tiny: one thread is fastest (restored for CIFAR, except in CI)
@@ -63,6 +70,10 @@ T0 = time.perf_counter()
 sch = Schedule("linear")
 mix = GaussianMixture()
 oracle = OracleEps(mix, sch)  # the exact eps-model of the mixture: eps(x, t) = -sigma_t * score_t(x)
+# sigma_d of the CM form and of EDM's preconditioning is the data's standard deviation (EDM's 0.5 is for images in
+# [-1, 1]); for this mixture we measure it, per coordinate, on 100k samples
+SIGMA_D = round(mix.sample(100_000, torch.Generator().manual_seed(0))[0].std().item(), 2)
+print(f"sigma_d of the 2-D mixture: {SIGMA_D}")
 
 # %% [markdown]
 # ## 1. The consistency function
@@ -91,8 +102,9 @@ oracle = OracleEps(mix, sch)  # the exact eps-model of the mixture: eps(x, t) = 
 #
 # * **CM form** (Song et al. 2023, App. C), written with the EDM noise level $s = \sigma_t/\alpha_t$ of VP time $t$
 #   (Chapter 3's $\sigma/\alpha$): $c_\text{skip} = \frac{\sigma_d^2}{(s - s_\min)^2 + \sigma_d^2}$,
-#   $c_\text{out} = \frac{\sigma_d (s - s_\min)}{\sqrt{\sigma_d^2 + s^2}}$. Away from $t_\min$ these are EDM's
-#   preconditioning (Karras et al. 2022), so $f_\theta$ *is* the teacher's one-step denoiser
+#   $c_\text{out} = \frac{\sigma_d (s - s_\min)}{\sqrt{\sigma_d^2 + s^2}}$, where $\sigma_d$ is the data's standard
+#   deviation (the value printed above for the mixture; EDM's 0.5 for images in $[-1, 1]$). Away from $t_\min$
+#   these are EDM's preconditioning (Karras et al. 2022), so $f_\theta$ *is* the teacher's one-step denoiser
 #   $\hat x_0 = (x_t - \sigma_t \epsilon)/\alpha_t$ there; near $t_\min$ it bends smoothly to $x$.
 # * **LCM form**, diffusers' `LCMScheduler.get_scalings_for_boundary_condition_discrete`, in the *timestep*:
 #   $c_\text{skip} = \frac{\sigma_d^2}{(10t)^2 + \sigma_d^2}$, $c_\text{out} = \frac{10t}{\sqrt{(10t)^2 + \sigma_d^2}}$
@@ -100,11 +112,27 @@ oracle = OracleEps(mix, sch)  # the exact eps-model of the mixture: eps(x, t) = 
 #   $c_\text{skip} = 0.0025$. The boundary condition is exact only at $t = 0$; on LCM's own grid (smallest
 #   timestep 19) it holds only approximately — LCM is essentially $\hat x_0$-prediction. Chapter 5 uses it;
 #   this chapter uses the CM form.
+#
+# ### Exercise 4.1 (**): the CM scalings
+#
+# Write `cm_scalings(s, s_min, sigma_d)` returning `(c_skip, c_out)` of the CM form for a float64 tensor of noise
+# levels `s`. Check the boundary yourself: at `s = s_min` you must get exactly 1 and 0.
+
+# %%
+def cm_scalings(s, s_min, sigma_d):
+    # BEGIN SOLUTION
+    ds = s - s_min
+    return sigma_d ** 2 / (ds ** 2 + sigma_d ** 2), sigma_d * ds / (sigma_d ** 2 + s ** 2).sqrt()
+    # END SOLUTION
+
+
+cm_scalings = check("cm_scalings", cm_scalings)
 
 # %%
 t = torch.linspace(0, 999, 2000, dtype=torch.float64)
 fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
-for scaling, name, ls in [(CMScalings(0.5), r"CM form, $\sigma_d = 0.5$", "-"), (LCMScalings(), "LCM form", "--")]:
+for scaling, name, ls in [(CMScalings(SIGMA_D), rf"CM form, $\sigma_d = {SIGMA_D}$", "-"),
+                          (LCMScalings(), "LCM form", "--")]:
     c_skip, c_out = scaling(sch, t, 0.0)
     ax[0].plot(t + 1, c_skip, ls, label=name)
     ax[1].plot(t + 1, c_out, ls, label=name)
@@ -116,7 +144,7 @@ plt.show()
 net0 = MLPDenoiser(hidden=32, depth=1)
 torch.nn.init.normal_(net0.out[-1].weight)  # a random eps-net with a non-zero output
 x = torch.randn(512, 2)
-for scaling in (CMScalings(0.5), LCMScalings()):
+for scaling in (CMScalings(SIGMA_D), LCMScalings()):
     f0 = ConsistencyModel(net0, sch, scaling)
     assert torch.equal(f0(x, torch.zeros(512)), x), "the boundary condition holds exactly at t_min = 0"
 print("f(x, t_min) == x exactly, for both forms; c_skip(1) of the LCM form:",
@@ -131,6 +159,14 @@ print("f(x, t_min) == x exactly, for both forms; c_skip(1) of the LCM form:",
 # one-step denoiser $D(x_t, t) = \hat x_0 = \mathbb{E}[x_0 \mid x_t]$ (one DDIM step to 0). The end points of one
 # trajectory coincide; the denoiser's guesses do not — they start near the mixture's mean and only reach the
 # trajectory's end as $t \to 0$. A consistency model must learn $f^\ast$, not $D$.
+#
+# **Predict, then run.** Take the five marked points of one trajectory, at $t$ from about 640 down to 20. How far
+# apart will their five ODE end points be, and their five denoiser guesses?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* The ODE end points coincide up to the solver's error (the largest spread, printed below the figure, is
+# under 0.02), because they lie on one trajectory. The denoiser's guesses spread by more than 0.5: at large $t$ it
+# guesses near the mixture's mean, and only near $t = 0$ does its guess reach the trajectory's end.
 
 # %%
 def ode_to_data(x_t, t_start, n=24):
@@ -192,6 +228,13 @@ assert spread_f < 0.02 and spread_d > 0.5, "points of one trajectory share one e
 #   ($\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta$, $\mu = 0.95$; the loss's `after_step`). It runs in the online
 #   network's train/eval mode *and* replays the online forward's random state, so both see the **same dropout
 #   masks** (`paired_forward`; iCT Sec. 3.1).
+#
+# ### Exercises 4.2 (*) and 4.3 (*): Karras' grid and the pseudo-Huber distance
+#
+# Write `karras_levels(s_min, s_max, N, rho=7.0)`, the $N + 1$ increasing noise levels
+# $s_i = \big(s_\min^{1/\rho} + \tfrac iN (s_\max^{1/\rho} - s_\min^{1/\rho})\big)^\rho$ (float64), which `cm_timesteps`
+# maps to VP times; and `my_pseudo_huber(a, b, c=None)`, iCT's per-sample distance
+# $\sqrt{\lVert a - b\rVert^2 + c^2} - c$ with $c = 0.00054\sqrt d$ by default ($d$ = numbers per sample), shape `(B,)`.
 # * $d$ is squared L2 or iCT's **pseudo-Huber** $\sqrt{\lVert a - b\rVert^2 + c^2} - c$, $c = 0.00054\sqrt{d}$;
 #   $\lambda$ is 1 (Song et al.) or iCT's $1/(s_{n+1} - s_n)$, which leans on the low-noise intervals.
 #
@@ -207,14 +250,37 @@ assert spread_f < 0.02 and spread_d > 0.5, "points of one trajectory share one e
 # loss with the oracle's eps as the target), then distil.
 
 # %%
+def karras_levels(s_min, s_max, N, rho=7.0):
+    # BEGIN SOLUTION
+    i = torch.arange(N + 1, dtype=torch.float64) / N
+    return (s_min ** (1 / rho) + i * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
+    # END SOLUTION
+
+
+karras_levels = check("karras_levels", karras_levels)
+lv = edm_sigma(sch, cm_timesteps(sch, 18))
+assert torch.allclose(karras_levels(lv[0].item(), lv[-1].item(), 18), lv, rtol=1e-6), "cm_timesteps is this grid"
+
+
+# %%
+def my_pseudo_huber(a, b, c=None):
+    # BEGIN SOLUTION
+    c = 0.00054 * a[0].numel() ** 0.5 if c is None else c
+    return (((a - b) ** 2).flatten(1).sum(1) + c ** 2).sqrt() - c
+    # END SOLUTION
+
+
+my_pseudo_huber = check("pseudo_huber", my_pseudo_huber)
+
+# %%
 CD_PRE, CD_STEPS = pick(fast=300, cpu=1500, gpu=3000), pick(fast=400, cpu=1500, gpu=4000)
 c0 = time.process_time()
 torch.manual_seed(0)
-cd_net = EDMPrecond(MLPDenoiser(hidden=128, depth=3), sch, sigma_data=0.5)
+cd_net = EDMPrecond(MLPDenoiser(hidden=128, depth=3), sch, sigma_data=SIGMA_D)
 train(cd_net, TeacherRegression(oracle, sch), mix, TrainConfig(steps=CD_PRE, batch_size=256, lr=2e-3,
                                                                desc="copy the oracle"))
-cd_init = ConsistencyModel(copy.deepcopy(cd_net), sch, CMScalings(0.5)).eval()  # before distillation
-cd_student = ConsistencyModel(cd_net, sch, CMScalings(0.5))
+cd_init = ConsistencyModel(copy.deepcopy(cd_net), sch, CMScalings(SIGMA_D)).eval()  # before distillation
+cd_student = ConsistencyModel(cd_net, sch, CMScalings(SIGMA_D))
 cd_loss = ConsistencyDistillation(oracle, cd_student, N=18, mu=0.95, solver=heun_step, weight=ict_weight)
 cd_res = train(cd_student, cd_loss, mix, TrainConfig(steps=CD_STEPS, batch_size=256, lr=1e-3, ema_decay=0.99,
                                                      desc="CD"))
@@ -256,6 +322,33 @@ assert err_learn < 0.5 * err_init
 #   - \operatorname{erf}\frac{\log s_n - P_\text{mean}}{\sqrt2 P_\text{std}}$,
 #   $P_\text{mean} = -1.1$, $P_\text{std} = 2$.
 #
+# ### Exercises 4.4 (**) and 4.5 (*): iCT's curriculum and weight
+#
+# Write `my_ict_curriculum(k, K, s0=10, s1=1280)`, the number of grid *intervals* $N(k) - 1$ at training step `k` of
+# `K` (an int; Eq. 8 above), and `my_ict_weight(s_n, s_n1)` $= 1/(s_{n+1} - s_n)$ for tensors of neighbouring levels.
+# The plot below draws the curriculum with the package's `ict_discretisation`.
+
+# %%
+def my_ict_curriculum(k, K, s0=10, s1=1280):
+    # BEGIN SOLUTION
+    K_prime = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (k // K_prime), s1)
+    # END SOLUTION
+
+
+my_ict_curriculum = check("ict_curriculum", my_ict_curriculum)
+
+
+# %%
+def my_ict_weight(s_n, s_n1):
+    # BEGIN SOLUTION
+    return 1 / (s_n1 - s_n)
+    # END SOLUTION
+
+
+my_ict_weight = check("ict_weight", my_ict_weight)
+
+# %% [markdown]
 # iCT's $s_1 = 1280$ is tuned for 400,000 iterations. With a few thousand, the last doublings get too few steps each
 # (the left plot below shows how few with $s_1 = 320$; with 1280 there would be one more doubling in the same
 # budget), so this notebook stops the curriculum at $s_1 = 320$: our choice for a CPU budget, not a measured optimum.
@@ -276,7 +369,8 @@ plt.show()
 
 c0 = time.process_time()
 torch.manual_seed(0)
-ct_student = ConsistencyModel(EDMPrecond(MLPDenoiser(hidden=128, depth=3), sch, 0.5), sch, CMScalings(0.5))
+ct_student = ConsistencyModel(EDMPrecond(MLPDenoiser(hidden=128, depth=3), sch, SIGMA_D), sch,
+                             CMScalings(SIGMA_D))
 ct_untrained = copy.deepcopy(ct_student).eval()
 ct_res = train(ct_student, ConsistencyTraining(sch, total_steps=CT_STEPS, s1=CT_S1), mix,
                TrainConfig(steps=CT_STEPS, batch_size=256, lr=5e-4, ema_decay=0.99, desc="CT"))
@@ -296,6 +390,13 @@ print(f"CT: {CT_STEPS} steps in {time.process_time() - c0:.1f} s of CPU")
 # the cm@k rows of `minilcm bench` (Chapter 7). We compare with DDIM on the **exact** oracle at the same NFE.
 # Distances are the sliced Wasserstein distance to fresh data; two independent data sets of the same size sit at the
 # noise floor printed below.
+#
+# **Predict, then run.** With one step, where will DDIM — with the *exact* eps-model — put its 4000 samples?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* On one dot at the origin. One DDIM step from pure noise returns $\hat x_0 = \mathbb E[x_0 \mid x_{999}]$,
+# and $x_{999}$ says almost nothing about $x_0$, so that is the mixture's mean for every sample (the figure's
+# bottom-left panel). The consistency models, trained to return the trajectory's end, already draw the ring.
 
 # %%
 n_eval = pick(fast=2000, cpu=4000)
@@ -346,14 +447,18 @@ for nfe in CM_TIMES:
 #   blurs the blobs: its targets are one-sample estimates of the teacher's step, and a few thousand steps do not
 #   average them out.
 # * A second step — re-noise to the middle of the grid, $t \approx 593$ ($s \approx 5.9$), and apply $f$ again —
-#   sharpens CD's blobs (0.056 → 0.050 in the committed run): the fresh noise washes out part of the first step's
+#   sharpens CD's blobs (0.049 → 0.044 in the committed run): the fresh noise washes out part of the first step's
 #   error. Four steps ($t$ = 999, 864, 593, 190) sharpen them further (0.039), because the last re-noising is to a
 #   small noise level from which $f$ only has to finish the job. (iCT's two-step samples re-noise that low at once,
 #   to $s = 0.821$; the package's rule spends its steps evenly along the grid instead.)
 # * The re-noising noise must be independent of $x_T$. Drawing it from a generator seeded like $x_T$'s re-injects the
-#   same $z$: $x_\tau$ is then no sample of $p_\tau$, and the second step starts from the wrong distribution.
+#   same $z$: $x_\tau$ is then no sample of $p_\tau$, and the second step starts from the wrong distribution. The cell
+#   below measures it: CD's two steps with the re-noising generator seeded as $x_T$'s was score 0.063 in the
+#   committed run, against 0.044 with independent noise — worse than one step.
 
 # %%
+same_z = cm_sample(cd, x_T, sch, CM_TIMES[2], generator=torch.Generator().manual_seed(1)).x  # x_T's seed: z = x_T
+print(f"CD, 2 steps: independent re-noising {dist['CD', 2]:.3f};  re-noising with x_T's own noise {swd(same_z):.3f}")
 for nfe in CM_TIMES:
     assert dist["CD", nfe] < dist["DDIM (exact teacher)", nfe], "CD beats exact DDIM at the same NFE"
     assert dist["CT", nfe] < dist["DDIM (exact teacher)", nfe], "CT beats exact DDIM at the same NFE"
@@ -369,8 +474,8 @@ if PROFILE != "fast":  # the claim of tests/test_consistency.py, at the test's t
 #
 # The same loss distils the Chapter 1 CIFAR-10 teacher (`minilcm.recipes.cifar_teacher()`, a class-conditional
 # eps-UNet; we distil its unconditional, null-class model as Song et al. do). The recipe `cifar_cd_student` copies
-# the teacher's UNet into a `ConsistencyModel` with the CM form ($\sigma_d = 0.5$), Heun on the $N = 18$ Karras grid,
-# $\mu = 0.95$, pseudo-Huber, and trains it with the one training loop.
+# the teacher's UNet into a `ConsistencyModel` with the CM form ($\sigma_d = 0.5$, for pixels in $[-1, 1]$), Heun on
+# the $N = 18$ Karras grid, $\mu = 0.95$, pseudo-Huber, and trains it with the one training loop.
 #
 # **The shipped pair.** `cifar_teacher()` and `cifar_cd_student()` load the shipped checkpoints `ddpm-cifar10` and
 # `cd-cifar10` when they are in `data/checkpoints/` (`minilcm train ddpm`, `minilcm train cd`). No GPU was lent to the
@@ -455,7 +560,7 @@ else:
 print(f"notebook time so far: {time.perf_counter() - T0:.0f} s")
 
 # %% [markdown]
-# ## What you just saw
+# ## Summary
 #
 # * A **consistency model** learns where a PF-ODE trajectory ends: $f(x_t, t) = f(x_s, s)$ along a trajectory, with
 #   $f(x, t_\min) = x$ built into the parameterisation $c_\text{skip} x + c_\text{out} F$. The CM form bends to the
@@ -476,3 +581,13 @@ print(f"notebook time so far: {time.perf_counter() - T0:.0f} s")
 # **Next — Chapter 5, latent consistency models:** LCM distils with the teacher's classifier-free guidance
 # *inside* the ODE step (the augmented PF-ODE), feeds the guidance scale $w$ to the student, and skips $k$ timesteps
 # per step — then does it all in the latent space of an autoencoder.
+#
+# ## Reading
+#
+# * Song, Dhariwal, Chen & Sutskever 2023, *Consistency Models* ([arXiv 2303.01469](https://arxiv.org/abs/2303.01469)):
+#   Sec. 3 (the consistency function, Eq. 5), Sec. 4 (CD, Eq. 7, Algorithm 2), Sec. 5 (CT, Theorem 2), Algorithm 1
+#   (multistep sampling), App. C (the scalings).
+# * Song & Dhariwal 2023, *Improved Techniques for Training Consistency Models* ([arXiv 2310.14189](https://arxiv.org/abs/2310.14189)):
+#   Sec. 3.1–3.5 (no EMA target, pseudo-Huber, the weight, the curriculum Eq. 8, lognormal intervals).
+# * Karras et al. 2022, *EDM* ([arXiv 2206.00364](https://arxiv.org/abs/2206.00364)): Eq. 5 (the $\rho$ grid) and
+#   Table 1 (the preconditioning the CM scalings extend).

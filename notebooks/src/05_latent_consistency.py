@@ -37,6 +37,11 @@
 #
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI), `cpu` (a laptop), `gpu`. The trained models are loaded from
 # `data/checkpoints/` (`minisd-cifar10`, `lcm-cifar10`, and the evaluator `evaluator-cifar10`).
+#
+# **Time:** about 25 minutes to read, 30 more for the five exercises; about 10 minutes to run (cpu profile, measured
+# on a 2-core CPU). **Needs:** Chapter 4 (consistency functions, CD, multistep sampling) and Chapter 1's CFG.
+# Symbols, and $w$ against diffusers' `guidance_scale`: [the notation sheet](../docs/notation.md). Each exercise's
+# `check` names the mistake it finds; a skipped one falls back to the package.
 
 # %%
 import math
@@ -53,6 +58,7 @@ from minilcm.minisd import MiniSD
 from minilcm.profiles import pick
 from minilcm.viz import show_images
 from minilcm.zoo import load_lcm_student
+from minilcm.exercises import check
 
 PROFILE = setup()  # one thread in the fast profile (tiny batches on a busy CI box), seed 0, compact figures
 
@@ -175,6 +181,26 @@ print("text states:", tuple(c.shape), "  empty prompt:", tuple(sd.empty.shape))
 # and one DDIM step of it from $t$ down to $s$ (the solver $\Psi$ of LCD) is
 #
 # $$\hat z_s = \alpha_s\,\hat x_0 + \sigma_s\,\hat\epsilon_w, \qquad \hat x_0 = \frac{z_t - \sigma_t\,\hat\epsilon_w}{\alpha_t}.$$
+#
+# ### Exercise 5.1 (**): one step of the augmented PF-ODE
+#
+# Write `guided_step(schedule, z, t, s, eps_c, eps_u, w)`: the DDIM step above from `t` to `s` (floats), given the
+# teacher's conditional and unconditional predictions at $(z, t)$. *Hint:* combine them first (Chapter 1's
+# Exercise 1.5), then one DDIM step (Chapter 3's Exercise 3.1; `minilcm.solvers.ddim_step(schedule, z, t, s, eps)`
+# is the package's).
+
+# %%
+from minilcm.solvers import ddim_step
+
+
+def guided_step(schedule, z, t, s, eps_c, eps_u, w):
+    # BEGIN SOLUTION
+    eps_w = (1 + w) * eps_c - w * eps_u
+    return ddim_step(schedule, z, t, s, eps_w)
+    # END SOLUTION
+
+
+guided_step = check("guided_ddim_step", guided_step)
 
 # %%
 from minilcm.guidance import guided_eps
@@ -190,6 +216,21 @@ with torch.no_grad():
     e_u = sd.unet(xt, 500, **uncond).sample
 assert torch.allclose(fused, (1 + w) * e_c - w * e_u, atol=1e-4)
 print("fused CFG call == (1 + w) eps_c - w eps_u:", (fused - ((1 + w) * e_c - w * e_u)).abs().max().item())
+from minilcm.guidance import guided_ddim_step  # noqa: E402
+
+with torch.no_grad():
+    pkg_step = guided_ddim_step(sd.unet, xt, sd.schedule, 500.0, 480.0, cond, uncond, w)
+assert torch.allclose(guided_step(sd.schedule, xt, 500.0, 480.0, e_c, e_u, w), pkg_step, atol=1e-4)
+print("your guided step == guidance.guided_ddim_step on the mini-SD teacher")
+
+# %% [markdown]
+# **Predict, then run.** The next cell samples the teacher at $w$ = 0, 1 and 3 and asks the course's CIFAR-10
+# classifier whether each image shows its caption's class. How will the share change with $w$?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* It rises steeply: guidance tilts each class towards images a classifier recognises. The printed shares
+# below (100 images per $w$ in the cpu profile) and the figure's rows, from mush at $w = 0$ to legible classes at
+# $w = 3$, show it.
 
 # %%
 per_class = pick(fast=5, cpu=10, gpu=20)
@@ -221,9 +262,35 @@ assert teacher_acc[3.0] > teacher_acc[0.0], "guidance should sharpen the classes
 # fed with `timestep_cond`. `lcm.lcm_student` copies the teacher and adds that projection. The reference script
 # leaves it at its random initialisation, and so does `lcm_student` by default (`w_init="random"`): the fresh student
 # already answers differently to different $w$, and training shapes that answer. With `w_init="zero"` the fresh
-# student is exactly the teacher's denoiser for every $w$. The shipped student starts random, and trains `cond_proj` at 10× the rest of the
-# UNet's learning rate (`TrainConfig(lr_mult={"cond_proj": 10})`): the course's choice for a 1,000-step CPU run,
-# where the reference script uses one rate for every weight. Section 5 measures whether the knob turns.
+# student is exactly the teacher's denoiser for every $w$. The shipped student starts random, and trains `cond_proj` at
+# 10× the rest of the UNet's learning rate (`TrainConfig(lr_mult={"cond_proj": 10})`): the course's choice for a
+# 1,000-step CPU run, where the reference script uses one rate for every weight.
+#
+# **A warm start for $w$.** Before LCD, the shipped student also spent 300 steps on *guidance distillation*, the
+# first stage of Meng et al. (2023): it regresses the guided teacher's $\hat x_0$ at every $t$,
+# $\lVert \hat x_0^\theta(x_t, t, c, w) - \hat x_0^{\,w}(x_t, t, c)\rVert^2$ (`lcm.GuidanceDistillation`). LCD alone
+# teaches $w$ slowly: its target at $t_{n+k}$ depends on $w$ only through the target network at $t_n$, so the
+# effect of $w$ has to climb the skipping grid from $t = 0$ one $k$ at a time. The warm start gives every $t$ its
+# $w$-dependence at once, and LCD then makes it consistent. This is the course's addition (the reference script
+# has no such stage); section 5 measures whether the knob turns.
+#
+# ### Exercise 5.2 (**): the $w$ embedding
+#
+# Write `w_embedding(w, dim)`: for a `(B,)` tensor `w`, the `(B, dim)` float32 embedding above ($u = 1000w$,
+# $\omega_j = \exp(-\log(10000)\,j/(d/2 - 1))$, sines first, then cosines). The figure below draws the package's.
+
+# %%
+def w_embedding(w, dim):
+    # BEGIN SOLUTION
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    args = (1000.0 * w)[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+    # END SOLUTION
+
+
+w_embedding = check("w_embedding", w_embedding)
 
 # %%
 from minilcm.lcm import guidance_embedding, lcm_student
@@ -266,6 +333,34 @@ for init in ("zero", "random"):
 # boundary condition, $f_\theta(z, w, c, 0) = z$), $d(a, b) = \sqrt{\lVert a - b\rVert^2 + c^2} - c$ per sample, and
 # the target's weights an EMA of the student's, $\theta^- \leftarrow \mu\,\theta^- + (1 - \mu)\,\theta$ with
 # $\mu = 0.95$. What ships is $\theta^-$.
+#
+# ### Exercises 5.3 (*) and 5.4 (*): the skipping grid and LCM's scalings
+#
+# Write `skipping_grid(schedule, k)`, LCD's increasing times $k - 1, 2k - 1, \dots, Nk - 1$ with $N = T // k$
+# (float64), and `lcm_scalings(t)`, the `(c_skip, c_out)` LCM uses (Chapter 4, section 1: $u = 10t$,
+# $\sigma_d = 0.5$, $c_\text{skip} = \sigma_d^2/(u^2 + \sigma_d^2)$, $c_\text{out} = u/\sqrt{u^2 + \sigma_d^2}$).
+
+# %%
+def skipping_grid(schedule, k):
+    # BEGIN SOLUTION
+    return torch.arange(1, schedule.T // k + 1, dtype=torch.float64) * k - 1
+    # END SOLUTION
+
+
+skipping_grid = check("skipping_grid", skipping_grid)
+print("k = 20:", skipping_grid(sd.schedule, 20)[:3].tolist(), "...", skipping_grid(sd.schedule, 20)[-1].item())
+
+
+# %%
+def lcm_scalings(t):
+    # BEGIN SOLUTION
+    u, sd2 = 10.0 * torch.as_tensor(t, dtype=torch.float64), 0.25
+    return sd2 / (u ** 2 + sd2), u / (u ** 2 + sd2).sqrt()
+    # END SOLUTION
+
+
+lcm_scalings = check("lcm_scalings", lcm_scalings)
+print("c_skip at t = 19 (the grid's lowest time):", f"{lcm_scalings(torch.tensor([19.0]))[0].item():.1e}")
 
 # %% [markdown]
 # ### Does a student learn $w$? An exact check in 2-D
@@ -282,6 +377,14 @@ for init in ("zero", "random"):
 # of steps: one with the skipping step $k = 20$, one with $k = 1$ (the teacher solves one step of the 1000-step grid
 # at a time). Then we compare them with the teacher's augmented PF-ODE (50 guided DDIM steps) at three $w$.
 # The student takes 2 steps.
+#
+# **Predict, then run.** With the same 1,000 training steps, which student will draw sharper classes at $w = 0$:
+# $k = 20$ or $k = 1$? And will the better one's classes sharpen with $w$ as much as the teacher's?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* $k = 20$, by far: with $k = 1$ the information from the data end must hop across all 1000 grid times,
+# and in 1,000 steps it has not left chance (misassigned mass near 0.75, printed below). The $k = 20$ student's
+# classes do sharpen with $w$, but less than the teacher's: a short distillation learns the $w$-averaged ODE first.
 
 # %%
 from minilcm.consistency import ConsistencyModel, LCMScalings
@@ -379,7 +482,7 @@ fixed = data(256, torch.Generator().manual_seed(5))  # one held-out batch: the s
 with torch.no_grad():
     before = lcd(demo_student, fixed, torch.Generator().manual_seed(6)).item()
 cfg_demo = TrainConfig(steps=pick(fast=4, cpu=60, gpu=500), batch_size=pick(fast=8, cpu=32, gpu=128), lr=1e-4,
-                       warmup_steps=pick(fast=2, cpu=20, gpu=50), device="cpu", desc="LCD (demo)",
+                       warmup_steps=pick(fast=2, cpu=20, gpu=50), device="cpu", desc="LCD (demo)", progress=False,
                        lr_mult={"cond_proj": 10})  # the w projection at 10x lr, as `minilcm train lcm` does
 res = train(demo_student, lcd, data, cfg_demo)
 with torch.no_grad():
@@ -392,7 +495,8 @@ print(f"on one fixed batch of 256, against the target of the moment: {before:.4f
 assert all(np.isfinite(res.losses))
 
 print("shipped student:", {k: student.meta.get(k) for k in ("steps", "images_seen", "k", "w_min", "w_max", "w_init",
-                                                            "w_lr_mult",                                                             "wall_seconds", "hardware")})
+                                                            "w_lr_mult", "wall_seconds", "hardware")})
+print("its guidance-distillation warm start:", student.meta.get("guidance_distillation"))
 
 # %% [markdown]
 # **Reading the demo's loss.** In the committed run (cpu profile) the training batches' loss went from 0.417 (first 12
@@ -412,7 +516,28 @@ print("shipped student:", {k: student.meta.get(k) for k in ("steps", "images_see
 #   z_{\tau_{i+1}} = \alpha_{\tau_{i+1}}\,\hat x_0^{(i)} + \sigma_{\tau_{i+1}}\,\epsilon_i, \quad \epsilon_i \sim \mathcal N(0, I),$$
 #
 # and the sample is $\hat x_0^{(N)}$. CFG is baked in: each step is **one** student evaluation of $B$ rows, where each
-# teacher step costs $2B$. Same noise, same captions, side by side:
+# teacher step costs $2B$.
+#
+# ### Exercise 5.5 (**): which timesteps?
+#
+# Write `lcm_times(schedule, n)`: the `n` timesteps `LCMScheduler.set_timesteps(n)` visits, float64, decreasing.
+# They lie on the skipping grid of 50 teacher steps ($k = 20$: 19, 39, …, 999); take the indices
+# $\lfloor i \cdot 50 / n \rfloor$, $i = 0 \dots n-1$, of that grid read from its noisiest end. For $n = 4$:
+# 999, 759, 499, 259.
+
+# %%
+def lcm_times(schedule, n):
+    # BEGIN SOLUTION
+    grid = skipping_grid(schedule, 20).flip(0)  # 999, 979, ..., 19
+    return grid[torch.floor(torch.arange(n, dtype=torch.float64) * len(grid) / n).long()]
+    # END SOLUTION
+
+
+lcm_times = check("lcm_sampling_times", lcm_times)
+print({n: lcm_times(sd.schedule, n).long().tolist() for n in (1, 2, 4)})
+
+# %% [markdown]
+# Same noise, same captions, side by side:
 
 # %%
 labels16 = torch.arange(10)
@@ -486,7 +611,7 @@ assert lcm4["fd_clf"] < ddim4["fd_clf"], "at the same 4 steps, the distilled stu
 assert speedup >= HEADLINE["lcm4_speedup_min"]
 
 # %% [markdown]
-# ## What you just saw
+# ## Summary
 #
 # - **Latents** are 12× smaller than the images, and normalised per channel (`latents_mean` / `latents_std`): mean 0
 #   and std 1 in every channel on random test images. The decoder's reconstructions are a rough ceiling on sharpness.
@@ -494,21 +619,37 @@ assert speedup >= HEADLINE["lcm4_speedup_min"]
 #   class accuracy rises steeply with $w$ (32% → 57% → 83% at $w$ = 0, 1, 3 in the committed run, 100 images each).
 # - **LCD** distils the *augmented* PF-ODE with a skipping step and a student that takes $w$ as an input. On the 2-D
 #   mixture, with an exact teacher, $k = 20$ distilled in 1,000 steps what $k = 1$ did not begin to (misassigned mass
-#   0.029 against 0.728 at $w = 0$), and the student's classes sharpen with $w$ (0.029 → 0.0027) though not as far as
+#   0.032 against 0.727 at $w = 0$), and the student's classes sharpen with $w$ (0.032 → 0.0028) though not as far as
 #   the teacher's (0.105 → 0.0003): it learned the $w$-averaged ODE first.
-# - **The CIFAR student shows the same picture**: its class accuracy is 60%, 59% and 65% at $w$ = 0, 1 and 3 (500
-#   images each). The knob turns, by 5 points where the teacher's turns by 51: a 1,000-step CPU distillation
-#   learns the guided ODE averaged over $w \in [0, 4]$, and only the start of its dependence on $w$. At $w = 0$ the
-#   student is *more* class-faithful than the teacher, at $w = 3$ less. A longer (GPU) distillation is what the 2-D
-#   case says would close that gap; we have not yet run one.
-# - **The headline, measured here:** in the committed run (cpu profile, 500 images per row, this repository's 2-core
-#   CPU) LCM@4 scored FD-clf 108.4 against the teacher's DPM-Solver++@25 109.2 (ratio 0.99, target ≤ 1.15) and was
-#   12.0× faster; LCM@2 had ratio 0.95 (target ≤ 1.3); the teacher's own 4-step DDIM scored 180.9. The cells assert
-#   the part that must hold at any sample size: LCM@4 beats DDIM@4, and is at least 5× faster than DPM-Solver++@25.
-# - **More steps are not always better for a consistency student**: LCM at 4 steps scored a slightly worse FD-clf
-#   than at 2 (108.4 against 104.2) with a higher class accuracy (59% against 57%). Each step re-noises the previous
-#   estimate and asks the student again, at a lower noise level, so its errors there enter the sample; we have not
-#   separated the causes. The README's 1,000-image run shows the same order (100.2 at 4 steps, 96.8 at 2).
+# - **The CIFAR student, warm-started for $w$**: its class accuracy is 54%, 57% and 72% at $w$ = 0, 1 and 3 (500
+#   images each), where the teacher's is 32%, 57% and 83% (100 each). The knob turns by 18 points; the previous
+#   student, distilled by LCD alone for the same 1,000 steps, turned it by 5 (60%, 59%, 65%), and 300 steps of
+#   guidance distillation made the difference. It still does not reach the teacher's range: at $w = 0$ the
+#   student is *more* class-faithful than the teacher, at $w = 3$ less — the $w$-averaged picture of the 2-D case,
+#   weakened. Longer distillation (the gpu profile) is the next thing to try; we have not run one.
+# - **The headline, measured here:** in the committed run (cpu profile, 500 images per row, a 2-core CPU) LCM@4
+#   scored FD-clf 110.9 against the teacher's DPM-Solver++@25 109.2 (ratio 1.02, target ≤ 1.15) and was 8.3×
+#   faster; LCM@2 had ratio 0.96 (target ≤ 1.3); the teacher's own 4-step DDIM scored 180.9. The timings are noisy
+#   on this machine: in the same run the teacher's DDIM@25 took 198 ms per image and its DPM-Solver++@25 152 ms, at
+#   the same NFE. The cells assert the part that must hold at any sample size: LCM@4 beats DDIM@4, and is at least 5×
+#   faster than DPM-Solver++@25.
+# - **More steps are not always better for a consistency student**: LCM at 4 steps scored a worse FD-clf than at 2
+#   (110.9 against 104.8) with a higher class accuracy (57% against 54%). Each step re-noises the previous estimate
+#   and asks the student again, at a lower noise level, so its errors there enter the sample; we have not separated
+#   the causes.
 #
 # Chapter 6 runs the very same `LatentConsistencyDistillation` on a Stable Diffusion teacher; Chapter 7 benchmarks
 # every shipped model.
+#
+# ## Reading
+#
+# * Luo et al. 2023, *Latent Consistency Models* ([arXiv 2310.04378](https://arxiv.org/abs/2310.04378)): Sec. 4.1
+#   (consistency in latent space), Sec. 4.2 (the augmented PF-ODE, Eq. 8–10, and the $w$ input), Sec. 4.3 (the
+#   skipping step), Algorithms 1 and 3.
+# * Ho & Salimans 2022, *Classifier-Free Diffusion Guidance* ([arXiv 2207.12598](https://arxiv.org/abs/2207.12598)),
+#   Sec. 3.2; Dhariwal & Nichol 2021 ([arXiv 2105.05233](https://arxiv.org/abs/2105.05233)), Sec. 4: classifier
+#   guidance and the tilted distribution.
+# * Meng et al. 2023, *On Distillation of Guided Diffusion Models* ([arXiv 2210.03142](https://arxiv.org/abs/2210.03142)),
+#   Sec. 4.1: a student that takes $w$ as an input, distilled from the guided teacher.
+# * Rombach et al. 2022, *Latent Diffusion Models* ([arXiv 2112.10752](https://arxiv.org/abs/2112.10752)), Sec. 3:
+#   the autoencoder and why diffusion in its latents is cheap.

@@ -35,6 +35,11 @@
 # 5. **The measured throughput** of our LCD step against diffusers' reference script.
 #
 # The package: `minilcm.sd` (data, distill, export, CLI) on top of `minilcm.lcm` and `minilcm.train`.
+#
+# **Time:** about 15 minutes to read, 15 more for the four exercises; under a minute to run (cpu profile, measured on
+# a 2-core CPU; the real SD teacher needs a GPU and its weights). **Needs:** Chapter 5 (LCD, the $w$ input, the LCM
+# sampler). Symbols: [the notation sheet](../docs/notation.md). Each exercise's `check` names the mistake it finds;
+# a skipped one falls back to the package.
 
 # %%
 import json
@@ -54,6 +59,7 @@ import minilcm
 from minilcm import sd
 from minilcm.models.sd import tiny_sd_pipeline
 from minilcm.profiles import pick
+from minilcm.exercises import check
 
 # tiny models: one thread is fastest; quiet_hf_libraries: no loading bars, log messages or warnings from diffusers,
 # transformers and huggingface_hub about tiny test models
@@ -73,9 +79,43 @@ WORK = Path(tempfile.mkdtemp(prefix="minilcm-ch6-"))
 #
 # We build those three networks on PyTorch's `meta` device: every tensor has a shape and no storage, so we can
 # count parameters (and, below, FLOPs) of an 860M-parameter UNet on a laptop in milliseconds.
+#
+# ### Exercise 6.1 (*): how many parameters LoRA trains
+#
+# A rank-$r$ LoRA adapter (Hu et al. 2021) on a `Linear(d_in, d_out)` replaces $W$ by $W + \frac{\alpha}{r}BA$ with
+# $A \in \mathbb R^{r \times d_\text{in}}$ and $B \in \mathbb R^{d_\text{out} \times r}$; on a `Conv2d(c_in, c_out, k)`, $A$
+# is a conv with $r$ outputs and $B$ a 1×1 conv. Write `lora_count(model, rank, targets)`: the trainable numbers over
+# every module whose name equals a target or ends with `"." + target`.
+#
+# **Predict, then run.** With rank 64 on the LCM-LoRA script's target modules, what fraction of SD v1.5's 860M UNet
+# parameters will train: 0.8%, 8% or 30%?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* About 8% (printed below; the LCM-LoRA paper reports 67.5M for SD v1.5). The adapters are thin, but rank 64
+# on every attention, feed-forward and ResNet conv of the UNet adds up.
+
+# %%
+from torch import nn
+
+
+def lora_count(model, rank, targets):
+    # BEGIN SOLUTION
+    n = 0
+    for name, m in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            if isinstance(m, nn.Linear):
+                n += rank * (m.in_features + m.out_features)
+            elif isinstance(m, nn.Conv2d):
+                n += rank * m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels * rank
+    return n
+    # END SOLUTION
+
+
+lora_count = check("lora_parameter_count", lora_count)
 
 # %%
 from minilcm.models.sd import sd15_shaped
+from minilcm.sd.config import LORA_TARGETS  # the LCM-LoRA script's target modules
 
 parts15 = sd15_shaped("meta")  # SD v1.5's UNet, VAE and CLIP ViT-L/14 text encoder: shapes only, no storage
 unet15, vae15, te15 = parts15["unet"], parts15["vae"], parts15["text_encoder"]
@@ -91,7 +131,7 @@ counts = {
     "UNet": (n_params(tiny.unet), n_params(unet15)),
     "VAE": (n_params(tiny.vae), n_params(vae15)),
     "text encoder": (n_params(tiny.text_encoder), n_params(te15)),
-    f"LoRA adapters (rank {rank})": (sd.lora_parameter_count(tiny.unet, rank), sd.lora_parameter_count(unet15, rank)),
+    f"LoRA adapters (rank {rank})": (lora_count(tiny.unet, rank, LORA_TARGETS), lora_count(unet15, rank, LORA_TARGETS)),
 }
 f15 = 2 ** (len(vae15.config.block_out_channels) - 1)
 print(f"{'':26s} {'tiny (CPU)':>12s} {'SD v1.5':>14s}")
@@ -114,7 +154,14 @@ assert 0.05 < lora_frac < 0.1  # ~67M trainable (the LCM-LoRA paper's 67.5M for 
 # get gradients and optimizer state.
 #
 # **Compute per training sample.** Count FLOPs of one forward pass with `torch.utils.flop_counter` on the meta
-# models (no arithmetic is done: the counter reads shapes):
+# models (no arithmetic is done: the counter reads shapes).
+#
+# **Predict, then run.** Which costs more arithmetic: encoding one 512 px image with SD's VAE, or one forward pass of
+# its 860M-parameter UNet on that image's latent?
+
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# *Answer.* The VAE encode (both printed below). It runs convolutions at the full 512×512 resolution, where the UNet
+# works on 64×64 latents. That is why the course encodes the training images once and caches the latents.
 
 # %%
 from torch.utils.flop_counter import FlopCounterMode
@@ -376,14 +423,58 @@ else:
 # calls and `pipe.set_adapters(["style", "lcm"], adapter_weights=[λ1, λ2])`; the paper uses λ₂ = 1 and a style
 # weight below 1. Nothing in this chapter trains a style LoRA, so this stays a pointer, not a measurement.
 #
+# ### Exercises 6.2 (*) and 6.3 (*): merge one adapter, compose two task vectors
+#
+# Write `lora_merge(W, A, B, alpha, rank)` $= W + \frac{\alpha}{r} B A$ (what `fuse_lora` does to one layer), and
+# `lora_compose(theta, tau_style, tau_lcd, lam_style, lam_lcd)`: the formula above, parameter by parameter, on dicts
+# of tensors (a parameter that a task vector lacks gets nothing from it). Return a new dict.
+
+# %%
+def lora_merge(W, A, B, alpha, rank):
+    # BEGIN SOLUTION
+    return W + (alpha / rank) * (B @ A)
+    # END SOLUTION
+
+
+lora_merge = check("lora_merge", lora_merge)
+
+
+# %%
+def lora_compose(theta, tau_style, tau_lcd, lam_style, lam_lcd):
+    # BEGIN SOLUTION
+    return {k: theta[k] + lam_style * tau_style.get(k, 0) + lam_lcd * tau_lcd.get(k, 0) for k in theta}
+    # END SOLUTION
+
+
+lora_compose = check("lora_compose", lora_compose)
+#
 # **The loss.** `LatentConsistencyDistillation` defaults to the *per-sample* pseudo-Huber distance
 # $\sqrt{\lVert a - b\rVert^2 + c^2} - c$ with iCT's $c = 0.00054\sqrt{d}$ ($d$ = the latent's size). The reference
 # scripts default to the l2 loss (`--loss_type l2`); their "huber" option is *elementwise*,
 # $\sqrt{(a - b)^2 + c^2} - c$ averaged over elements with $c = 0.001$. Both are robust versions of the same squared
 # distance; pass `distance=` to use another.
+#
+# ### Exercise 6.4 (*): the reference script's huber
+#
+# Write `script_huber(a, b, c=0.001)`, the reference scripts' elementwise loss (a scalar tensor), and compare it with
+# iCT's per-sample pseudo-Huber on the same pair: the cell prints both.
+
+# %%
+def script_huber(a, b, c=0.001):
+    # BEGIN SOLUTION
+    return (((a - b) ** 2 + c ** 2).sqrt() - c).mean()
+    # END SOLUTION
+
+
+script_huber = check("script_huber", script_huber)
+from minilcm.consistency import pseudo_huber  # noqa: E402
+
+za, zb = torch.randn(4, 4, 64, 64), torch.randn(4, 4, 64, 64)
+print(f"on two random SD-sized latents: script huber {script_huber(za, zb).item():.3f} (per element), "
+      f"iCT pseudo-Huber {pseudo_huber(za, zb).mean().item():.1f} (per sample)")
 
 # %% [markdown]
-# ## What you just saw
+# ## Summary
 #
 # * **The method did not change.** The SD student, its loss, solver step, w-embedding and sampler are the
 #   Chapter 5 objects from `minilcm.lcm`; the exported diffusers pipeline samples exactly as `lcm_sample` does.
@@ -394,6 +485,15 @@ else:
 #   and ships as a small file that turns any compatible SD pipeline into a 4-step sampler.
 # * **Engineering for scale**: bf16/fp16 autocast, gradient checkpointing, 8-bit Adam, multi-GPU with
 #   `accelerate launch`, checkpoint + resume, a JSONL log of loss and throughput — all options of one loop.
+#
+# ## Reading
+#
+# * Luo et al. 2023b, *LCM-LoRA* ([arXiv 2311.05556](https://arxiv.org/abs/2311.05556)): Sec. 3.1–3.3 (LoRA
+#   distillation, the acceleration vector, composition with style LoRAs, Eq. 2).
+# * Hu et al. 2021, *LoRA* ([arXiv 2106.09685](https://arxiv.org/abs/2106.09685)), Sec. 4.1: the low-rank update and
+#   its scale $\alpha / r$.
+# * Luo et al. 2023, *LCM* ([arXiv 2310.04378](https://arxiv.org/abs/2310.04378)), Sec. 5 and App.: the SD-scale
+#   recipe; diffusers' `examples/consistency_distillation/` README for the reference scripts' options.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s (profile {PROFILE})")
