@@ -15,6 +15,7 @@ import time
 import torch
 
 from .datasets import CIFAR10_CLASSES
+from .viz import show_images
 
 TEACHER = ("dpm_solver_pp", 25)
 
@@ -36,8 +37,6 @@ def render(sd, student, *, w: float = 1.0, steps: int = 4, label: int = 0, seed:
 
 def _figure(imgs, title: str):
     import matplotlib.pyplot as plt
-
-    from .viz import show_images
 
     fig, ax = plt.subplots(figsize=(4.2, 4.6))
     show_images(imgs, nrow=4, ax=ax, title=title)
