@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...diffusion import eps_to_x0, posterior_mean_var, q_sample
+from ...diffusion import alpha_bar_at, eps_to_x0, posterior_mean_var, q_sample
 from ...guidance import cfg_combine
 from ...metrics import power_law_order
 from ...schedules import Schedule, broadcast
@@ -98,10 +98,6 @@ def _post(schedule, x0, x_t, t, ab_prev_at, alpha_t):
     return ((ab_p.sqrt() * beta / (1 - ab_t)) * x0 + (alpha_t * (1 - ab_p) / (1 - ab_t)) * x_t).to(x0)
 
 
-def _ab(schedule, t):
-    return schedule.alpha_bar(torch.tensor(float(t))) if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
-
-
 register(Exercise(
     "posterior_mean", 1, "The mean of q(x_{t-1} | x_t, x_0)", 2,
     "DDPM Eq. 7: mu = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0 + sqrt(a_t) (1 - alpha_bar_{t-1}) / "
@@ -109,13 +105,13 @@ register(Exercise(
     "alpha_t = sqrt(alpha_bar_t)); t is a Python int, and at t = 0 alpha_bar_{-1} = 1 (schedule.alpha_bar rejects "
     "-1: handle t = 0 yourself).",
     posterior_mean_ref, _posterior_cases, [
-        Mistake(lambda s, x0, x, t: _post(s, x0, x, t, _ab(s, t - 1), s.alpha(torch.tensor(float(t)))),
+        Mistake(lambda s, x0, x, t: _post(s, x0, x, t, alpha_bar_at(s, t - 1), s.alpha(torch.tensor(float(t)))),
                 "your mean is off (mean {got_mean:.4g}, expected {want_mean:.4g}): the x_t coefficient needs DDPM's "
                 "sqrt(a_t) = sqrt(1 - beta_t); you used the course's alpha_t = sqrt(alpha_bar_t) (see the notation "
                 "sheet)."),
-        Mistake(lambda s, x0, x, t: _post(s, x0, x, t, _ab(s, t), (_ab(s, t) / _ab(s, t - 1)).sqrt()),
+        Mistake(lambda s, x0, x, t: _post(s, x0, x, t, alpha_bar_at(s, t), (alpha_bar_at(s, t) / alpha_bar_at(s, t - 1)).sqrt()),
                 "your mean is off: did you use alpha_bar_t where alpha_bar_{t-1} belongs (an off-by-one in t)?"),
-        Mistake(lambda s, x0, x, t: _post(s, x, x0, t, _ab(s, t - 1), (_ab(s, t) / _ab(s, t - 1)).sqrt()),
+        Mistake(lambda s, x0, x, t: _post(s, x, x0, t, alpha_bar_at(s, t - 1), (alpha_bar_at(s, t) / alpha_bar_at(s, t - 1)).sqrt()),
                 "your mean is off: the two coefficients are swapped (sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) "
                 "multiplies x0).")]))
 
@@ -148,7 +144,7 @@ register(Exercise(
                     s, x, x, float(t), float(t) - 1)[1] ** 2),
                 "your x_{t-1} has std {got_std:.3g}, expected {want_std:.3g}: the noise is scaled by the standard "
                 "deviation sqrt(beta-tilde_t); you used the variance beta-tilde_t."),
-        Mistake(lambda s, x, t, e, z: _ancestral_var(s, x, t, e, z, lambda s, t: 1 - _ab(s, t) / _ab(s, t - 1)),
+        Mistake(lambda s, x, t, e, z: _ancestral_var(s, x, t, e, z, lambda s, t: 1 - alpha_bar_at(s, t) / alpha_bar_at(s, t - 1)),
                 "your noise has variance beta_t, DDPM's other choice (diffusers' fixed_large); this course uses "
                 "beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (fixed_small)."),
         Mistake(lambda s, x, t, e, z: ancestral_step_ref(s, x, t, e, torch.zeros_like(z)),

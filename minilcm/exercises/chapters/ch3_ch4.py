@@ -8,7 +8,7 @@ import math
 import torch
 
 from ...consistency import pseudo_huber
-from ...diffusion import model_eps, q_sample
+from ...diffusion import alpha_bar_at, model_eps, q_sample
 from ...ict import ict_discretisation, ict_weight
 from ...schedules import Schedule
 from ...solvers import _dpm_solver_2, alpha_sigma_lam, ddim_step, spaced_timesteps
@@ -36,13 +36,9 @@ def _ddim_cases():
     return out
 
 
-def _ab(t):
-    return LIN.alpha_bar(torch.tensor(float(t))) if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
-
-
 def _ddim_wrong(sc, x, t, s, eps, a=lambda ab: ab.sqrt(), noise=True):
-    x0 = (x - (1 - _ab(t)).sqrt() * eps) / a(_ab(t))
-    return (a(_ab(s)) * x0 + ((1 - _ab(s)).sqrt() * eps if noise else 0)).to(x)
+    x0 = (x - (1 - alpha_bar_at(sc, t)).sqrt() * eps) / a(alpha_bar_at(sc, t))
+    return (a(alpha_bar_at(sc, s)) * x0 + ((1 - alpha_bar_at(sc, s)).sqrt() * eps if noise else 0)).to(x)
 
 
 register(Exercise(
