@@ -80,7 +80,8 @@ def write_student_edition(src_dir: str | Path = "notebooks/src", out_dir: str | 
     for src in sources:
         nb = jupytext.reads(strip_solutions(src.read_text()), fmt="py:percent")
         nb.metadata.setdefault("minilcm", {})["edition"] = "student"
-        for cell in nb.cells:
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"{src.stem[:2]}-{i:03d}"  # stable ids (nbformat 4.5 wants one per cell)
             if cell.cell_type == "code":
                 cell.outputs, cell.execution_count = [], None
         path = out_dir / f"{src.stem}.ipynb"

@@ -37,7 +37,7 @@
 # **Exercises.** Where the chapter needs a formula you write it: a function with its solution hidden in the student
 # edition (`make student`), and a `check(...)` after it that compares yours with the package's on cases chosen to
 # catch the usual mistakes, and says which one it found. If you skip one, the chapter goes on with the package's
-# function and says so. (*) is a line or two, (***) a page of thought.
+# function and says so. (\*) is a line or two, (\*\*\*) a page of thought.
 
 # %%
 import time

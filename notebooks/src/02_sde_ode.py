@@ -321,7 +321,7 @@ plt.tight_layout(); plt.show()
 # These one-step functions, `minilcm.sde.euler_step(model, x, schedule, t, s)` and `heun_step(...)`, are what
 # Chapter 4's consistency distillation calls.
 #
-# ### Exercises 2.3 (*) and 2.4 (**): an Euler step and a Heun step
+# ### Exercises 2.3 (\*) and 2.4 (\*\*): an Euler step and a Heun step
 #
 # Write `my_euler_step(model, x, schedule, t, s)` and `my_heun_step(model, x, schedule, t, s)`, one step of the PF-ODE
 # from time `t` to time `s` with an eps-model `model`. *Hint:* `pf_ode_velocity(model, x, schedule, t)` (imported

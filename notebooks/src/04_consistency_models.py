@@ -229,7 +229,7 @@ assert spread_f < 0.02 and spread_d > 0.5, "points of one trajectory share one e
 #   network's train/eval mode *and* replays the online forward's random state, so both see the **same dropout
 #   masks** (`paired_forward`; iCT Sec. 3.1).
 #
-# ### Exercises 4.2 (*) and 4.3 (*): Karras' grid and the pseudo-Huber distance
+# ### Exercises 4.2 (\*) and 4.3 (\*): Karras' grid and the pseudo-Huber distance
 #
 # Write `karras_levels(s_min, s_max, N, rho=7.0)`, the $N + 1$ increasing noise levels
 # $s_i = \big(s_\min^{1/\rho} + \tfrac iN (s_\max^{1/\rho} - s_\min^{1/\rho})\big)^\rho$ (float64), which `cm_timesteps`
@@ -322,7 +322,7 @@ assert err_learn < 0.5 * err_init
 #   - \operatorname{erf}\frac{\log s_n - P_\text{mean}}{\sqrt2 P_\text{std}}$,
 #   $P_\text{mean} = -1.1$, $P_\text{std} = 2$.
 #
-# ### Exercises 4.4 (**) and 4.5 (*): iCT's curriculum and weight
+# ### Exercises 4.4 (\*\*) and 4.5 (\*): iCT's curriculum and weight
 #
 # Write `my_ict_curriculum(k, K, s0=10, s1=1280)`, the number of grid *intervals* $N(k) - 1$ at training step `k` of
 # `K` (an int; Eq. 8 above), and `my_ict_weight(s_n, s_n1)` $= 1/(s_{n+1} - s_n)$ for tensors of neighbouring levels.

@@ -334,7 +334,7 @@ for init in ("zero", "random"):
 # the target's weights an EMA of the student's, $\theta^- \leftarrow \mu\,\theta^- + (1 - \mu)\,\theta$ with
 # $\mu = 0.95$. What ships is $\theta^-$.
 #
-# ### Exercises 5.3 (*) and 5.4 (*): the skipping grid and LCM's scalings
+# ### Exercises 5.3 (\*) and 5.4 (\*): the skipping grid and LCM's scalings
 #
 # Write `skipping_grid(schedule, k)`, LCD's increasing times $k - 1, 2k - 1, \dots, Nk - 1$ with $N = T // k$
 # (float64), and `lcm_scalings(t)`, the `(c_skip, c_out)` LCM uses (Chapter 4, section 1: $u = 10t$,

@@ -423,7 +423,7 @@ else:
 # calls and `pipe.set_adapters(["style", "lcm"], adapter_weights=[λ1, λ2])`; the paper uses λ₂ = 1 and a style
 # weight below 1. Nothing in this chapter trains a style LoRA, so this stays a pointer, not a measurement.
 #
-# ### Exercises 6.2 (*) and 6.3 (*): merge one adapter, compose two task vectors
+# ### Exercises 6.2 (\*) and 6.3 (\*): merge one adapter, compose two task vectors
 #
 # Write `lora_merge(W, A, B, alpha, rank)` $= W + \frac{\alpha}{r} B A$ (what `fuse_lora` does to one layer), and
 # `lora_compose(theta, tau_style, tau_lcd, lam_style, lam_lcd)`: the formula above, parameter by parameter, on dicts
