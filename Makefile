@@ -17,13 +17,13 @@ export MINILCM_PROFILE
 # JupyterLab refuses to start as root (containers, classroom VMs) unless told it may
 ALLOW_ROOT  := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: demo test test-fast lab notebooks student clean
+.PHONY: demo test test-fast lab notebooks student site site-check screenshots wheelhouse clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -e ".[dev,sd]"
+	$(PY) -m pip install -e ".[dev,sd,site]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -53,5 +53,34 @@ notebooks: | $(VENV)/.installed
 student: | $(VENV)/.installed
 	$(PY) -m minilcm.exercises.edition notebooks/src build/student
 
+# The course site: every chapter as executed (the committed outputs; nothing is run), the notation sheet, the
+# architecture, a page per shipped checkpoint, the instructor guide and the classroom kit, with search and maths,
+# offline (no CDN: open build/site/index.html, or serve the folder). Built by Sphinx + MyST-NB (docs/site/).
+site: | $(VENV)/.installed
+	$(PY) docs/site/build_site.py build/site
+
+# Every page of build/site opened in headless Chromium (Debian's chromium package: apt-get install chromium):
+# titles, typeset maths, images, console errors, requests outside the site, internal links, the search box.
+site-check: site
+	$(PY) docs/site/site_browser.py build/site
+
+# The README's and the site's screenshots: the index and chapters 1 and 5 at a desktop and a phone width.
+screenshots: site
+	$(PY) docs/site/site_browser.py build/site --screenshots docs/screenshots
+
+# Every wheel the course needs, for a classroom without network: copy the folder (and the course folder) to a USB
+# stick, then on each machine, in the course folder:
+#   python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheelhouse -e ".[dev,sd]" && touch .venv/.installed
+# PyTorch's CPU-only build on Linux and Windows (no nvidia-* libraries; macOS wheels are CPU builds anyway); set
+# WHEEL_TORCH_INDEX= (empty) for PyPI's default build. Build it on the OS and Python version of the room's machines.
+WHEELHOUSE ?= wheelhouse
+WHEEL_TORCH_INDEX ?= $(if $(filter Darwin,$(shell uname -s)),,https://download.pytorch.org/whl/cpu)
+wheelhouse: | $(VENV)/.installed
+	$(PY) -m pip download --dest $(WHEELHOUSE) $(TORCH_SPEC) \
+	  $(if $(WHEEL_TORCH_INDEX),--index-url $(WHEEL_TORCH_INDEX) --extra-index-url https://pypi.org/simple)
+	$(PY) -m pip download --dest $(WHEELHOUSE) pip "setuptools>=68" wheel
+	$(PY) -m pip wheel --wheel-dir $(WHEELHOUSE) --find-links $(WHEELHOUSE) ".[dev,sd,site]"
+	du -sh $(WHEELHOUSE)
+
 clean:
-	rm -rf runs data/cache .pytest_cache build/student
+	rm -rf runs data/cache .pytest_cache build/student build/site build/site-src
