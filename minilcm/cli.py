@@ -68,6 +68,10 @@ def _add_train(sub) -> None:
                    "skip phase 1 and fine-tune its decoder; minisd: warm-start the UNet from this pipeline folder")
     t.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the profile's)")
     t.add_argument("--batch", type=int, default=None, metavar="B", help="batch size (default: the profile's)")
+    t.add_argument("--minutes", type=float, default=None, metavar="M",
+                   help="train for M minutes of wall clock: the first steps are timed, then the step count and the "
+                   "learning-rate schedule are fitted to the budget (instead of --steps); export and measurement "
+                   "come after it and are reported separately")
     t.set_defaults(fn="train_stage")
 
 

@@ -116,8 +116,12 @@ def train_stage(args) -> int:
         kw["init"] = args.init
     meta = stages.STAGES[args.stage](out=args.out, device=device_of(args), replace_shipped=args.replace_shipped,
                                      progress=not args.quiet,
-                                     overrides={"steps": args.steps, "batch_size": args.batch}, **kw)
+                                     overrides={"steps": args.steps, "batch_size": args.batch,
+                                                "minutes": getattr(args, "minutes", None)}, **kw)
     print(json.dumps(meta.get("metrics", {}), indent=1))
+    if getattr(args, "minutes", None):
+        print(f"budget {args.minutes:g} min: {meta['steps']} steps in {meta['wall_seconds']} s of training "
+              f"(export and measurement {meta.get('export_seconds', 0)} s more)")
     print(f"exported to {meta['exported_to']}")
     return 0
 

@@ -42,6 +42,11 @@ class Trained:
     extra: dict = field(default_factory=dict)  # what the export and the measurement need besides the model
 
 
+def budget_record(budget: dict | None) -> dict:
+    """``{"budget": ...}`` for a stage's metadata when it trained to a time budget (``train.TrainResult.budget``)."""
+    return {"budget": budget} if budget else {}
+
+
 def tail_mean(losses, k: int = 100) -> float:
     """The mean of the last k losses: the ``final_loss`` the stages record."""
     return sum(losses[-k:]) / max(1, len(losses[-k:]))

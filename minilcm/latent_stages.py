@@ -18,11 +18,12 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .checkpoints import CheckpointError, atomic_write, content_hash, default_export, resolve, strip_machine_paths, write_meta
+from .budget import phase_minutes, run_tag
 from .datasets import CIFAR10_CLASSES, cifar10
 from .diffusion import DenoisingLoss
 from .errors import InputError
 from .evaluator import Evaluator
-from .exports import Trained, save_diffusers, tail_mean, teacher_record
+from .exports import Trained, budget_record, save_diffusers, tail_mean, teacher_record
 from .guidance import TextConditioning
 from .latents import AutoencoderLoss, LatentSet, decode, encode, latent_stats, train_decoder, vae_factors
 from .lcm import GuidanceDistillation, LatentConsistencyDistillation, lcm_student
@@ -72,16 +73,20 @@ def _init_folder(init, sub: str, file: str) -> Path:
 def build_autoencoder(out, device, progress, s, init=None) -> Trained:
     """Phase 1 (or ``init``), phase 2, the fp16 rounding it ships with, and its latent statistics on a random 10k."""
     size, steps, dsteps, batch = s["size"], s["steps"], s["decoder_steps"], s["batch_size"]
+    minutes, both = s.get("minutes"), (steps if init is None else 0) + dsteps  # a budget: shared by step counts
     train_set, test_set = cifar10("train"), cifar10("test")
     seconds, meta = 0.0, {"size": size}
     if init is None:
         cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=min(100, steps // 10),
                           lr_decay="cosine", ema_decay=0.999, amp_cpu=True, device=device,
-                          ckpt_dir=f"runs/autoencoder-{size}-{steps}", ckpt_every=max(50, steps // 20),
-                          progress=progress, desc="mini-SD autoencoder (phase 1: L2 + KL)")
+                          ckpt_dir=f"runs/autoencoder-{size}-{steps}{run_tag(minutes)}",
+                          ckpt_every=max(50, steps // 20),
+                          progress=progress, desc="mini-SD autoencoder (phase 1: L2 + KL)",
+                          minutes=phase_minutes(minutes, steps, both))
         res = train(minisd_vae(size).to(memory_format=torch.channels_last), AutoencoderLoss(), train_set, cfg)
-        vae, seconds, tag = res.ema.float(), res.seconds, f"{size}-{steps}"
-        meta["phase1"] = {"steps": steps, "batch_size": batch, "loss": "L2 + 1e-3 KL", "seconds": round(seconds, 1)}
+        vae, seconds, steps, tag = res.ema.float(), res.seconds, res.step, f"{size}-{steps}{run_tag(minutes)}"
+        meta["phase1"] = {"steps": steps, "batch_size": batch, "loss": "L2 + 1e-3 KL", "seconds": round(seconds, 1),
+                          **budget_record(res.budget)}
     else:
         folder = _init_folder(init, "vae", "config.json")
         vae = AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32)
@@ -89,14 +94,17 @@ def build_autoencoder(out, device, progress, s, init=None) -> Trained:
         meta["phase1"] = _provenance_of(folder, folder / "meta.json")
     dcfg = TrainConfig(steps=dsteps, batch_size=batch, lr=s["decoder_lr"], warmup_steps=min(50, dsteps // 10),
                        lr_decay="cosine", ema_decay=0.999, amp_cpu=True, device=device,
-                       ckpt_dir=f"runs/autoencoder-decoder-{tag}-{dsteps}", ckpt_every=max(50, dsteps // 15),
-                       progress=progress, desc="mini-SD decoder (phase 2: L1 + perceptual + patch GAN)")
+                       ckpt_dir=f"runs/autoencoder-decoder-{tag}-{dsteps}{run_tag(minutes)}",
+                       ckpt_every=max(50, dsteps // 15), progress=progress,
+                       desc="mini-SD decoder (phase 2: L1 + perceptual + patch GAN)",
+                       minutes=phase_minutes(minutes, dsteps, both))
     loss_kw = {k: s[k] for k in ("perceptual_weight", "adv_weight", "disc_start")}
     res = train_decoder(vae.float().to(memory_format=torch.channels_last), Evaluator.load(device="cpu").net,
                         train_set, dcfg, **loss_kw)
+    dsteps = res.step
     meta["phase2"] = {"steps": dsteps, "batch_size": batch, "lr": s["decoder_lr"], **loss_kw,
                       "perceptual": "LPIPS-style distance in evaluator-cifar10's stem + first two stages",
-                      "seconds": round(res.seconds, 1)}
+                      "seconds": round(res.seconds, 1), **budget_record(res.budget)}
     vae = res.ema.float().to(memory_format=torch.contiguous_format).requires_grad_(True)
     vae = vae.to(torch.float16).float()  # measure what ships (fp16 weights)
     z = encode(vae, train_set.subset(10_000).images)  # a random subset: the archive is sorted by class
@@ -170,9 +178,13 @@ def build_minisd(out, device, progress, s, init=None) -> Trained:
     loss = DenoisingLoss(Schedule("scaled_linear"), cond_drop=0.1, conditioning=TextConditioning(empty))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(200, steps // 10),
                       lr_decay="cosine", ema_decay=s["ema_decay"], amp_cpu=False, device=device,
-                      ckpt_dir=f"runs/minisd-{size}-{steps}-{content_hash(out / 'vae')[:8]}-{tag}",
-                      ckpt_every=max(50, steps // 30), progress=progress, desc="mini-SD teacher UNet")
+                      ckpt_dir=f"runs/minisd-{size}-{steps}-{content_hash(out / 'vae')[:8]}-{tag}"
+                               f"{run_tag(s.get('minutes'))}",
+                      ckpt_every=max(50, steps // 30), progress=progress, desc="mini-SD teacher UNet",
+                      minutes=s.get("minutes"))
     res = train(unet, loss, data, cfg)
+    steps = res.step
+    meta.update(budget_record(res.budget))
     pipe = assemble_pipeline(res.ema.eval(), vae, te, tok, sd_scheduler("ddim"))
     vae_meta = json.loads((out / "vae" / "meta.json").read_text()) if (out / "vae" / "meta.json").exists() else {}
     meta.update({"unet_size": size, "unet_params": sum(p.numel() for p in unet.parameters()),
@@ -206,29 +218,35 @@ def build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Tr
     w_min, w_max, k, mu = 0.0, 4.0, 20, 0.95
     student = lcm_student(sd.unet, sd.schedule, w_dim=256, w_init="random")
     steps, batch, w_mult, g_steps = s["steps"], s["batch_size"], s["w_lr_mult"], s["guidance_steps"]
-    tag = f"{record['teacher_sha256'][:8]}-w{w_mult}"
+    minutes = s.get("minutes")  # a budget: the two phases share it by their step counts
+    tag = f"{record['teacher_sha256'][:8]}-w{w_mult}{run_tag(minutes)}"
     gd = {}
     if g_steps:  # the warm start: the student learns eps_w at every t first (lcm.GuidanceDistillation)
         g_cfg = TrainConfig(steps=g_steps, batch_size=batch, lr=s["lr"], warmup_steps=min(100, g_steps // 10),
                             lr_decay="none", keep_ema=False, device=device, amp=False, lr_mult={"cond_proj": w_mult},
                             ckpt_dir=f"runs/lcm-gd-{g_steps}-{tag}", ckpt_every=max(50, g_steps // 30),
-                            progress=progress, desc="guidance distillation")
+                            progress=progress, desc="guidance distillation",
+                            minutes=phase_minutes(minutes, g_steps, g_steps + steps))
         g_res = train(student, GuidanceDistillation(sd.unet, student, TextConditioning(sd.empty), w_min=w_min,
                                                     w_max=w_max), data, g_cfg)
-        gd = {"steps": g_steps, "seconds": round(g_res.seconds, 1), "final_loss": round(tail_mean(g_res.losses), 6),
+        gd = {"steps": g_res.step, "seconds": round(g_res.seconds, 1),
+              "final_loss": round(tail_mean(g_res.losses), 6), **budget_record(g_res.budget),
               "loss": "Meng et al. 2023 stage one: ||x0_theta(x_t, t, c, w) - x0_w(x_t, t, c)||^2"}
     loss = LatentConsistencyDistillation(sd.unet, student, TextConditioning(sd.empty), k=k, w_min=w_min, w_max=w_max,
                                          mu=mu)
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], warmup_steps=min(100, steps // 10),
                       lr_decay="cosine", keep_ema=False, device=device, amp=False, lr_mult={"cond_proj": w_mult},
                       ckpt_dir=f"runs/lcm-{steps}-{tag}-gd{g_steps}-target",
-                      ckpt_every=max(50, steps // 30), progress=progress, desc="LCD of the mini-SD")
+                      ckpt_every=max(50, steps // 30), progress=progress, desc="LCD of the mini-SD",
+                      minutes=phase_minutes(minutes, steps, g_steps + steps))
     res = train(student, loss, data, cfg)
+    steps = res.step
     meta = {**record, "k": k, "w_min": w_min, "w_max": w_max, "mu": mu, "w_init": "random", "w_lr_mult": w_mult,
             "guidance_distillation": gd or None,
             "exported": "the target network theta^- (mu = 0.95), as the reference script and minilcm sd-distill",
             "w_convention": "LCM: eps_w = (1 + w) eps_c - w eps_u (diffusers guidance_scale = w + 1)",
-            "w_dim": 256, "distance": "pseudo_huber", "final_loss": round(tail_mean(res.losses), 6)}
+            "w_dim": 256, "distance": "pseudo_huber", "final_loss": round(tail_mean(res.losses), 6),
+            **budget_record(res.budget)}
     return Trained(loss.target.net, steps, batch, res.seconds + gd.get("seconds", 0.0), meta)
 
 

@@ -49,6 +49,7 @@ class CifarTeacherRecipe:
     precond: str = "edm"        # "edm" or "none" (a bare eps-UNet)
     sigma_data: float = 0.5
     weighting: str = "snr+1"    # DenoisingLoss.weighting
+    minutes: float | None = None  # a wall-clock budget: the steps that fit replace ``steps`` (minilcm.budget)
 
 
 def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool = True,
@@ -68,9 +69,11 @@ def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool
     res = train(model, loss, cifar10("train"), TrainConfig(
         steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
         ema_decay=recipe.ema_decay, lr_decay=recipe.lr_decay, amp=recipe.amp, amp_cpu=recipe.amp, ckpt_dir=ckpt_dir,
-        ckpt_every=max(recipe.steps // 10, 50), device=device, progress=progress, desc="CIFAR-10 DDPM teacher"))
-    return res.ema.float().eval(), {"source": "trained here", "steps": recipe.steps, "size": recipe.size,
-                                    "seconds": res.seconds, "losses": res.losses, "recipe": recipe}
+        ckpt_every=max(recipe.steps // 10, 50), device=device, progress=progress, desc="CIFAR-10 DDPM teacher",
+        minutes=recipe.minutes))
+    return res.ema.float().eval(), {"source": "trained here", "steps": res.step, "size": recipe.size,
+                                    "seconds": res.seconds, "losses": res.losses, "recipe": recipe,
+                                    "budget": res.budget}
 
 
 def _load_shipped(name: str, device):
@@ -102,6 +105,7 @@ class CifarCDRecipe:
     warmup_steps: int = _CD["warmup_steps"]  # linear warm-up: without it lr 4e-4 spikes the loss at step 2
     ema_decay: float = _CD["ema_decay"]
     amp: bool = False  # no bf16: x0 = (x - sigma eps) / alpha multiplies eps's rounding by 158 at t = 999
+    minutes: float | None = None  # a wall-clock budget: the steps that fit replace ``steps`` (minilcm.budget)
 
 
 def cifar_cd_student(recipe: CifarCDRecipe | None = None, *, teacher=None, use_shipped: bool = True,
@@ -128,6 +132,7 @@ def cifar_cd_student(recipe: CifarCDRecipe | None = None, *, teacher=None, use_s
     res = train(student, loss, cifar10("train"), TrainConfig(
         steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
         ema_decay=recipe.ema_decay, amp=recipe.amp, ckpt_dir=ckpt_dir,
-        ckpt_every=max(recipe.steps // 10, 50), device=device, progress=progress, desc="CIFAR-10 CD student"))
-    return res.ema.eval(), {"source": "trained here", "steps": recipe.steps, "recipe": recipe,
-                            "seconds": res.seconds, "losses": res.losses}
+        ckpt_every=max(recipe.steps // 10, 50), device=device, progress=progress, desc="CIFAR-10 CD student",
+        minutes=recipe.minutes))
+    return res.ema.eval(), {"source": "trained here", "steps": res.step, "recipe": recipe,
+                            "seconds": res.seconds, "losses": res.losses, "budget": res.budget}

@@ -22,6 +22,7 @@ when no GPU was available (named as such in the metadata); ``fast`` a smoke test
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,13 +30,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .budget import MAX_MINUTES, run_tag
 from .catalog import STAGE_NAMES
 from .checkpoints import save_model, staged_folder, write_meta
 from .datasets import cifar10
 from .errors import InputError
 from .evaluator import (EVALUATOR_NAME, REFERENCE_STATS, ClassifierLoss, EvaluatorNet, accuracy, feature_stats,
                         features)
-from .exports import Trained, export_target, provenance, sample_metrics, tail_mean, teacher_record
+from .exports import (Trained, budget_record, export_target, provenance, sample_metrics, tail_mean,
+                      teacher_record)
 from .latent_stages import (build_autoencoder, build_lcm, build_minisd, export_autoencoder, export_lcm,
                             export_minisd, measure_autoencoder)
 from .metrics import frechet_distance
@@ -72,21 +75,30 @@ def run_stage(stage: Stage, out: str | Path | None = None, device: str = "cpu", 
     ``overrides``: fields of the profile's size row replaced (``minilcm train --steps / --batch``), recorded."""
     s = sizes(stage.name)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    minutes = overrides.pop("minutes", None)
+    if minutes is not None:
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= MAX_MINUTES:
+            raise InputError(f"--minutes must be a number of minutes in (0, {MAX_MINUTES}], got {minutes!r}")
+        if "steps" in overrides:
+            raise InputError("give --minutes or --steps, not both: --minutes sets the step count to what fits")
     for k, v in overrides.items():
         if k not in s:
             raise InputError(f"the {stage.name} stage has no {k!r} setting (it has: {', '.join(sorted(s))})")
         if not (isinstance(v, int) and v >= 1):
             raise InputError(f"{k} must be a positive integer, got {v!r}")
     out = export_target(out, stage.checkpoint, replace_shipped)
-    t = stage.build(out, device, progress, {**s, **overrides}, **kw)
+    t = stage.build(out, device, progress, {**s, **overrides, **({"minutes": minutes} if minutes else {})}, **kw)
+    recorded = {**overrides, **({"minutes": minutes} if minutes else {})}
     meta = {"stage": stage.name, **t.meta, "steps": t.steps, "images_seen": t.steps * t.batch_size,
-            **({"overrides": overrides} if overrides else {}), **provenance(t.seconds, device)}
+            **({"overrides": recorded} if recorded else {}), **provenance(t.seconds, device)}
     target = out / stage.sub if stage.sub else out
+    t_export = time.perf_counter()
     with staged_folder(target) as tmp:  # weights, metrics and meta.json: one unit
         if stage.measure is not None:
             if stage.measure_export:
                 stage.export(t, tmp, meta)  # measure what ships: the fp16 weights, read back
             meta["metrics"] = stage.measure(t, tmp, device)
+        meta["export_seconds"] = round(time.perf_counter() - t_export, 1)  # export and measurement, outside a budget
         stage.export(t, tmp, meta)
         write_meta(tmp, meta)
     return {**meta, "exported_to": str(target)}
@@ -100,8 +112,9 @@ def _build_evaluator(out, device, progress, s) -> Trained:
     steps = max(2, int(s["epochs"] * 50_000 / batch))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=s["lr"], weight_decay=5e-2,
                       warmup_steps=min(200, steps // 10), lr_decay="cosine", ema_decay=0.999, grad_clip=None,
-                      amp_cpu=True, device=device, ckpt_dir=f"runs/evaluator-{steps}",
-                      ckpt_every=max(50, steps // 20), progress=progress, desc="evaluator classifier")
+                      amp_cpu=True, device=device, ckpt_dir=f"runs/evaluator-{steps}{run_tag(s.get('minutes'))}",
+                      ckpt_every=max(50, steps // 20), progress=progress, desc="evaluator classifier",
+                      minutes=s.get("minutes"))
     train_set, test_set = cifar10("train"), cifar10("test")
     net = EvaluatorNet(s["widths"]).to(memory_format=torch.channels_last)
     res = train(net, ClassifierLoss(), train_set, cfg)
@@ -112,7 +125,8 @@ def _build_evaluator(out, device, progress, s) -> Trained:
     shipped = EvaluatorNet(s["widths"])  # evaluated in fp32 with the fp16-rounded weights that ship
     shipped.load_state_dict({k: v.half().float() if v.is_floating_point() else v
                              for k, v in best.state_dict().items()})
-    meta = {"widths": list(s["widths"]), "epochs": round(steps * batch / 50_000, 2),
+    steps = res.step
+    meta = {"widths": list(s["widths"]), "epochs": round(steps * batch / 50_000, 2), **budget_record(res.budget),
             "train_config": {k: str(v) for k, v in vars(cfg).items()},
             "note": "FD-clf: Fréchet distance in this classifier's features; a proxy for FID, not comparable to it"}
     return Trained(shipped, steps, batch, res.seconds, meta,
@@ -141,11 +155,11 @@ def _build_ddpm(out, device, progress, s) -> Trained:
     ``EDMPrecond`` with the SNR+1 weighting, 10% null-class dropout for CFG, linear schedule, hflip), its EMA."""
     recipe = CifarTeacherRecipe(**s)
     model, info = cifar_teacher(recipe, use_shipped=False, device=device, progress=progress,
-                                ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}")
+                                ckpt_dir=f"runs/ddpm-{recipe.size}-{recipe.steps}{run_tag(recipe.minutes)}")
     meta = {"schedule": recipe.schedule, "recipe": dict(vars(recipe)),
             "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": round(tail_mean(info["losses"]), 5)}
-    return Trained(model, recipe.steps, recipe.batch_size, info["seconds"], meta)
+            "final_loss": round(tail_mean(info["losses"]), 5), **budget_record(info["budget"])}
+    return Trained(model, info["steps"], recipe.batch_size, info["seconds"], meta)
 
 
 def _build_cd(out, device, progress, s, teacher: str | Path = TEACHER_NAME) -> Trained:
@@ -157,10 +171,12 @@ def _build_cd(out, device, progress, s, teacher: str | Path = TEACHER_NAME) -> T
                          "(`minilcm train ddpm` makes one)")
     record = teacher_record(teacher)
     recipe = CifarCDRecipe(**s)
+    run_dir = f"runs/cd-{recipe.steps}-{record['teacher_sha256'][:8]}{run_tag(recipe.minutes)}"
     student, info = cifar_cd_student(recipe, teacher=t.model.float(), use_shipped=False, device=device,
-                                     progress=progress, ckpt_dir=f"runs/cd-{recipe.steps}-{record['teacher_sha256'][:8]}")
-    meta = {**record, "recipe": dict(vars(recipe)), "final_loss": round(tail_mean(info["losses"]), 6)}
-    return Trained(student, recipe.steps, recipe.batch_size, info["seconds"], meta)
+                                     progress=progress, ckpt_dir=run_dir)
+    meta = {**record, "recipe": dict(vars(recipe)), "final_loss": round(tail_mean(info["losses"]), 6),
+            **budget_record(info["budget"])}
+    return Trained(student, info["steps"], recipe.batch_size, info["seconds"], meta)
 
 
 def _export_pixel(t: Trained, folder: Path, meta: dict) -> None:

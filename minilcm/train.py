@@ -32,10 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .budget import StepBudget
 from .checkpoints import (CheckpointError, load_checkpoint, load_into, model_config, prefixed, save_checkpoint,
                           unprefixed)
 from .errors import TrainingInterrupted
 from .interrupts import StopRequest
+from .optim import make_optimizer, param_groups  # noqa: F401  (make_optimizer is also imported from here)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -66,6 +68,7 @@ class TrainConfig:
     keep_ema: bool = True         # False: no EMA copy (saves a model's worth of memory); result.ema is the model
     log_file: str | None = None   # a JSONL file: one line per step with loss, lr, seconds and samples/s
     lr_mult: dict = field(default_factory=dict)  # {name part: m}: parameters whose name contains it train at m x lr
+    minutes: float | None = None  # a wall-clock budget: steps (and the LR schedule) fitted to it (minilcm.budget)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class TrainResult:
     step: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    budget: dict | None = None  # with cfg.minutes: the measured rate, the steps fixed and reached (minilcm.budget)
 
 
 def default_device() -> torch.device:
@@ -119,33 +123,6 @@ def _load_optim(opt, tensors, groups, where, check: bool = True):
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
-def param_groups(model: nn.Module, lr_mult: dict) -> list[dict]:
-    """The optimizer's parameter groups: one per entry of ``lr_mult`` ({name part: multiplier}) that matches a
-    parameter name (first match wins), after one group of the rest at multiplier 1. Each carries ``lr_mult``."""
-    groups, rest = {key: [] for key in lr_mult}, []
-    for name, p in model.named_parameters():
-        key = next((k for k in lr_mult if k in name), None)
-        (groups[key] if key is not None else rest).append(p)
-    if unused := [k for k, ps in groups.items() if not ps]:
-        raise ValueError(f"lr_mult names {unused}, which match no parameter of the {type(model).__name__}")
-    return [{"params": rest, "lr_mult": 1.0}] + [{"params": ps, "lr_mult": float(lr_mult[k])} for k, ps in groups.items()]
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW (its moments in 8 bits: 2 bytes per parameter instead of 8).
-    ``params``: parameters or ``param_groups``."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError("optimizer='adamw8bit' needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes; "
-                              "or use optimizer='adamw'") from e
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
-
-
 def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module | None = None,
           accelerator=None) -> TrainResult:
     """Train ``model`` on ``loss_fn`` over ``data`` for ``cfg.steps`` steps (resuming from ``cfg.ckpt_dir``).
@@ -161,17 +138,25 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
     if log is not None:
         log.t_last = t0
     stop = StopRequest(sync=accelerator if run.world > 1 else None)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
+    fit = StepBudget(cfg, run.saved_budget, t0) if cfg.minutes else None
+    bar = tqdm(initial=start, total=None if fit and fit.info is None else cfg.steps, desc=cfg.desc,
                disable=not (cfg.progress and run.main), leave=False, mininterval=2.0)  # few redraws: notebooks stay small
+    step = start
     try:
         stop.install()
-        for step in bar:
+        while step < cfg.steps:
             run.losses.append(run.step(data, step))
             if log is not None:
                 log.write(step + 1, run.losses[-1], run.opt.param_groups[0]["lr"])
             if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
                 bar.set_postfix(loss=f"{sum(run.losses[-50:]) / len(run.losses[-50:]):.4f}", refresh=False)
-            done = step + 1
+            bar.update(1)
+            step = done = step + 1
+            over = fit is not None and fit.after_step(done, start)
+            if fit is not None:
+                run.budget, bar.total = fit.info, (cfg.steps if fit.info else None)
+            if over:
+                cfg.steps = done  # the overrun guard: this step is the last (fit.info says so)
             signum, due = stop.poll(run.ckpt is not None and _minutes_due(cfg, t_saved))
             if signum is not None:
                 run.save(done)  # every completed step is kept (a second signal now stops at once; the write is atomic)
@@ -188,7 +173,7 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
         bar.close()
         if log is not None:
             log.close()
-    return TrainResult(model, run.ema, run.losses, cfg.steps, time.perf_counter() - t0, start)
+    return TrainResult(model, run.ema, run.losses, cfg.steps, time.perf_counter() - t0, start, run.budget)
 
 
 def _minutes_due(cfg: TrainConfig, t_saved: float) -> bool:
@@ -219,6 +204,8 @@ class _Run:
             self.net, self.opt = acc.prepare(model, self.opt)
         self.gen = torch.Generator()
         self.seed_streams(0)
+        self.budget: dict | None = None        # a budgeted run's record (saved with every checkpoint)
+        self.saved_budget: dict | None = None  # ... as read back by resume()
         self.losses: list[float] = []
         self.ckpt = Path(cfg.ckpt_dir) if cfg.ckpt_dir else None
         self.use_amp = (cfg.amp and device.type == "cuda") or (cfg.amp_cpu and device.type == "cpu")
@@ -281,6 +268,8 @@ class _Run:
                 "torch": torch.__version__}
         if self.scaler.is_enabled():
             meta["scaler"] = self.scaler.state_dict()
+        if self.budget is not None:
+            meta["budget"] = self.budget
         save_checkpoint(self.ckpt, tensors, meta)
 
     def resume(self) -> int:
@@ -302,8 +291,8 @@ class _Run:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if self.scaler.is_enabled() and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
-        start, self.losses = meta["step"], list(meta["losses"])
-        if start > cfg.steps:
+        start, self.losses, self.saved_budget = meta["step"], list(meta["losses"]), meta.get("budget")
+        if start > cfg.steps and not cfg.minutes:  # a budgeted run's count is its checkpoint's
             raise CheckpointError(f"the checkpoint in {ckpt} is at step {start}, past steps={cfg.steps}; "
                                   "raise steps or use another folder")
         if self.rank > 0:  # the checkpoint holds the main process's streams: give the others their own again
