@@ -16,7 +16,7 @@ PKG = ROOT / "minilcm"
 # docs/architecture.md, section 1: module -> layer (a folder's modules share its layer unless named)
 LAYERS = {
     0: ["errors", "catalog", "profiles", "schedules", "checkpoints"],
-    1: ["diffusion", "sde", "solvers", "preconditioning", "guidance", "train", "interrupts", "toys", "metrics",
+    1: ["diffusion", "sde", "solvers", "preconditioning", "guidance", "train", "optim", "budget", "interrupts", "toys", "metrics",
         "datasets", "models"],
     2: ["consistency", "ict", "lcm"],
     3: ["latents", "evaluator", "viz"],
