@@ -16,10 +16,6 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # the commands write figures to files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -37,7 +33,6 @@ from .profiles import pick  # noqa: E402
 from .schedules import Schedule  # noqa: E402
 from .toys import GaussianMixture  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
-from .viz import image_grid, scatter_2d  # noqa: E402
 from .zoo import guidance_range, load_model_folder  # noqa: E402
 
 
@@ -84,6 +79,13 @@ def demo(args) -> int:
     d_model, d_noise, d_floor = (sliced_wasserstein(a, ref) for a in (samples, x_T, other))
 
     t0 = time.perf_counter()
+    # matplotlib only where a figure is drawn: `train` and `bench` run without it (a headless GPU run carries none)
+    import matplotlib
+
+    matplotlib.use("Agg")  # the commands write figures to files; never open a window
+    import matplotlib.pyplot as plt
+
+    from .viz import scatter_2d  # matplotlib at import: see above
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     lp = lambda x: data.log_prob(x)  # noqa: E731
     scatter_2d(x_T, axes[0], title=f"noise x_T  (SW2 {d_noise:.3f})", log_prob=lp)
@@ -194,6 +196,8 @@ def sample(args) -> int:
 
 def _write_grid(images, path: Path) -> None:
     """A PNG grid of (N, 32, 32, 3) uint8 images, 10 per row (one column per class when classes cycle)."""
+    from .viz import image_grid  # viz imports matplotlib, which `train` and `bench` do without (a headless GPU run)
+
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     Image.fromarray(image_grid(x, nrow=min(10, len(images)))).save(path, format="PNG")
 

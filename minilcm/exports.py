@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ def provenance(seconds: float, device) -> dict:
                                     text=True, cwd=Path(__file__).parent).stdout.strip())
     except OSError:
         commit, dirty = None, None
+    if commit is None and os.environ.get("MINILCM_GIT_COMMIT"):  # a copy of the tree without .git (a GPU run)
+        commit, dirty = os.environ["MINILCM_GIT_COMMIT"], os.environ.get("MINILCM_GIT_DIRTY") == "1"
     return {"git_commit": commit, "git_dirty": dirty, "hardware": hardware(device), "torch": torch.__version__,
             "profile": current(),
             "wall_seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d")}

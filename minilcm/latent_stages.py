@@ -163,7 +163,9 @@ def build_minisd(out, device, progress, s, init=None) -> Trained:
     size, steps, batch = s["size"], s["steps"], s["batch_size"]
     train_set = cifar10("train")
     n = s["n_train"] or len(train_set)
+    vae.to(device)  # encode where the training runs (100k images: minutes on a CPU, seconds on a GPU)
     z = latent_cache(out / "vae", n, lambda x, flip: encode(vae, x, scaling_factor=sf, flip=flip, mean=mean, std=std))
+    vae.cpu()
     part = train_set.subset(n) if n < len(train_set) else train_set
     data = LatentSet(z, part.labels.repeat(2), caps)
     meta = {}
@@ -212,7 +214,9 @@ def build_lcm(out, device, progress, s, teacher: str | Path = MINISD_NAME) -> Tr
     train_set = cifar10("train")
     n = s["n_train"] or len(train_set)
     part = train_set.subset(n) if n < len(train_set) else train_set
+    sd.vae.to(device)  # encode where the training runs
     z = latent_cache(resolve(teacher) / "vae", n, lambda x, flip: sd.encode(x.flip(3) if flip else x))
+    sd.vae.cpu()
     caps = sd.embed(class_caption_table()).reshape(len(CIFAR10_CLASSES), len(CAPTION_TEMPLATES), *sd.empty.shape)
     data = LatentSet(z, part.labels.repeat(2), caps)
     w_min, w_max, k, mu = 0.0, 4.0, 20, 0.95

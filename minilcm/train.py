@@ -69,6 +69,7 @@ class TrainConfig:
     log_file: str | None = None   # a JSONL file: one line per step with loss, lr, seconds and samples/s
     lr_mult: dict = field(default_factory=dict)  # {name part: m}: parameters whose name contains it train at m x lr
     minutes: float | None = None  # a wall-clock budget: steps (and the LR schedule) fitted to it (minilcm.budget)
+    tf32: bool = True             # on CUDA, TF32 matmuls and convolutions for what runs in fp32 (the lcm and cd stages)
 
 
 @dataclass
@@ -192,6 +193,8 @@ class _Run:
         self.device = device = (acc.device if acc is not None else torch.device(cfg.device) if cfg.device
                                 else default_device())
         model.to(device).train()
+        if device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if cfg.keep_ema:
             self.ema = (ema if ema is not None else copy.deepcopy(model)).to(device).eval().requires_grad_(False)
         else:

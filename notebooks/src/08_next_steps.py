@@ -40,6 +40,7 @@ PROFILE = setup()
 #
 #     MINILCM_PROFILE=gpu minilcm train minisd --out runs/minisd-gpu    # a stage, at its gpu size
 #     MINILCM_PROFILE=gpu minilcm train lcm --out runs/lcm-gpu --steps 5000 --batch 128   # capped from the command line
+#     minilcm train lcm --out runs/lcm-10min --minutes 10               # as many steps as fit in 10 minutes
 #     MINILCM_PROFILE=gpu minilcm bench --n 10000                       # the benchmark at 10k images per row
 #
 # `--out` keeps the shipped checkpoints in `data/checkpoints/` untouched; replacing those needs `--replace-shipped`.
@@ -59,14 +60,17 @@ assert SIZES["lcm"]["gpu"]["steps"] > SIZES["lcm"]["cpu"]["steps"]
 
 # %% [markdown]
 # **What it has not yet done.** No GPU has been lent to this project so far: the gpu rows have never run end to
-# end, and their sizes add up to hours on one GPU. A one-command GPU run trained to a time budget is the project's
-# open issue; until then, cap a run with `--steps` and `--batch`. What the gpu profile is for, in this course's
-# own measurements:
+# end, and their step counts add up to hours on one GPU. `--minutes M` trains any stage to a wall-clock budget
+# instead (it times the first steps and fits the step count and the learning-rate schedule to M), and
+# `bash scripts/gpu_run.sh` is the one-command GPU run: the Chapter 5 teacher and student, then the pixel teacher and
+# its CD student, 8 minutes of training in all, then the benchmark (`bash scripts/gpu_run.sh dry-run` runs the same
+# path on a CPU in a few minutes). What the gpu profile is for, in this course's own measurements:
 #
-# * **Chapter 5's $w$ knob.** The shipped student's class accuracy moves by a few points across $w$ where the
-#   teacher's moves by fifty; the 2-D experiment of Chapter 5 says a longer distillation closes that gap.
+# * **Chapter 5's $w$ knob.** The shipped student's class accuracy moves by 20 points from $w$ = 0 to 3 where the
+#   teacher's moves by 50; the 2-D experiment of Chapter 5 says a longer distillation closes that gap.
 # * **A pixel teacher worth distilling.** The CPU teacher of Chapters 1–4 (1.1M parameters) draws blurry scenes; the
-#   gpu row trains the 35.7M `base` UNet.
+#   gpu row trains the 6.5M `small` UNet (12.4 MiB in fp16, within the 16 MiB a GPU run brings back per file;
+#   the 35.7M `base` one would not be).
 # * **The LCD throughput row** of the README (ours against the reference script's per-step work, SD-v1.5 shapes):
 #   `python benchmarks/lcd_throughput.py` on a GPU.
 
@@ -108,7 +112,8 @@ assert SIZES["lcm"]["gpu"]["steps"] > SIZES["lcm"]["cpu"]["steps"]
 # %% [markdown]
 # ## Summary
 #
-# * The gpu profile is one variable away, and `--steps` / `--batch` cap any stage; the shipped checkpoints stay put
+# * The gpu profile is one variable away; `--minutes` trains any stage to a time budget, `--steps` / `--batch` cap
+#   it; the shipped checkpoints stay put
 #   unless `--replace-shipped` is given.
 # * Seven projects, each with a place to start and a number to reach.
 #
