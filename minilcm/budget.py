@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import time
 
+from .checkpoints import CheckpointError
+
 WARM = 2          # untimed steps at the start
 TIMED = 8         # steps timed to measure the rate
 OVERRUN = 1.10    # a run past 110% of its budget (plus GRACE_S) stops where it is
@@ -58,28 +60,48 @@ def run_tag(minutes: float | None) -> str:
 
 class StepBudget:
     """The budget of one ``train`` call. ``after_step(done, start)`` is called after every completed step; it fixes
-    the count once the rate is timed, and returns True when the run must stop early (the overrun guard)."""
+    the count once the rate is timed, and returns True when the run must stop early (the overrun guard).
+    ``info`` is the record saved with every checkpoint: provisional (``"fixed": False``) until the count is fixed."""
 
-    def __init__(self, cfg, saved: dict | None, t0: float):
+    def __init__(self, cfg, saved: dict | None, t0: float, start: int, world: int = 1):
         if not (0 < cfg.minutes <= MAX_MINUTES):
             raise ValueError(f"minutes must be in (0, {MAX_MINUTES}], got {cfg.minutes}")
+        if world > 1:  # each rank would time itself and fix its own count: the ranks would disagree
+            raise ValueError("a time budget (minutes=) is not supported with several processes yet; use steps=")
+        if start > 0 and (saved is None or saved.get("minutes") != cfg.minutes):
+            raise CheckpointError(f"the checkpoint in {cfg.ckpt_dir} was not trained with minutes={cfg.minutes}: "
+                                  "resume it with the settings it was started with, or use another folder")
         self.cfg, self.t0, self.budget_s = cfg, t0, 60.0 * cfg.minutes
-        self.planned_steps, self.planned_warmup = cfg.steps, cfg.warmup_steps
         self.t_timed: float | None = None
-        if saved and saved.get("minutes") == cfg.minutes:  # a resumed run: the count it fixed, not a new one
+        saved = dict(saved or {})
+        self.spent = float(saved.get("train_seconds", 0.0))  # a resumed run's budget counts its earlier time
+        self.planned_steps = saved.get("planned_steps", cfg.steps)
+        self.planned_warmup = saved.get("planned_warmup", cfg.warmup_steps)
+        if saved.get("fixed"):  # a resumed run: the count it fixed, not a new one
+            self.info = saved
             cfg.steps, cfg.warmup_steps = saved["steps"], saved["warmup_steps"]
-            self.info: dict | None = dict(saved)
-            self.spent = float(saved.get("train_seconds", 0.0))
-        else:
-            self.info, self.spent = None, 0.0
+            if saved.get("stopped_early"):  # the overrun guard ended it: it is complete where it stopped
+                cfg.steps = saved["steps_reached"]
+        else:  # fresh, or interrupted before the count was fixed: time the steps from here
+            self.info = {"minutes": cfg.minutes, "fixed": False, "planned_steps": self.planned_steps,
+                         "planned_warmup": self.planned_warmup, "train_seconds": round(self.spent, 2)}
             cfg.steps = 10 ** 9  # no end until the rate is measured
+
+    @property
+    def fixed(self) -> bool:
+        return bool(self.info.get("fixed"))
+
+    def total(self) -> int:
+        """The step count to report: the fixed one, or the planned one while timing."""
+        return self.cfg.steps if self.fixed else self.planned_steps
 
     def elapsed(self) -> float:
         return self.spent + time.perf_counter() - self.t0
 
     def after_step(self, done: int, start: int) -> bool:
         now = time.perf_counter()
-        if self.info is None:
+        self.info["train_seconds"] = round(self.elapsed(), 2)
+        if not self.fixed:
             if done == start + WARM:
                 self.t_timed = now
             n_timed = done - start - WARM
@@ -88,7 +110,6 @@ class StepBudget:
                 rate = (now - self.t_timed) / n_timed if n_timed > 0 else (now - self.t0) / max(1, done - start)
                 self.fix(done, rate)
             return False
-        self.info["train_seconds"] = round(self.elapsed(), 2)
         self.info["steps_reached"] = done
         if done < self.cfg.steps and self.elapsed() > OVERRUN * self.budget_s + GRACE_S:
             self.info["stopped_early"] = True
@@ -96,11 +117,12 @@ class StepBudget:
         return False
 
     def fix(self, done: int, rate: float) -> None:
-        """Fix the run's step count and its schedule from the measured seconds per step."""
+        """Fix the run's step count and its schedule from the measured seconds per step. The steps timed ran with
+        the planned warm-up (``timing_warmup``); the rest follow the rescaled one (``warmup_steps``)."""
         cfg = self.cfg
         n = max(done, fit_steps(self.budget_s, self.elapsed(), done, rate))
         cfg.steps = n
         cfg.warmup_steps = min(rescaled_warmup(self.planned_warmup, self.planned_steps, n), max(0, n - 1))
-        self.info = {"minutes": cfg.minutes, "seconds_per_step": round(rate, 5), "steps": n,
-                     "warmup_steps": cfg.warmup_steps, "planned_steps": self.planned_steps, "timed_at_step": done,
-                     "steps_reached": done, "train_seconds": round(self.elapsed(), 2), "stopped_early": False}
+        self.info.update({"fixed": True, "seconds_per_step": round(rate, 5), "steps": n,
+                          "warmup_steps": cfg.warmup_steps, "timing_warmup": self.planned_warmup,
+                          "timed_at_step": done, "steps_reached": done, "stopped_early": False})

@@ -122,8 +122,9 @@ def train_stage(args) -> int:
                                                 "minutes": getattr(args, "minutes", None)}, **kw)
     print(json.dumps(meta.get("metrics", {}), indent=1))
     if getattr(args, "minutes", None):
-        print(f"budget {args.minutes:g} min: {meta['steps']} steps in {meta['wall_seconds']} s of training "
-              f"(export and measurement {meta.get('export_seconds', 0)} s more)")
+        b = meta.get("budget") or {}
+        print(f"budget {args.minutes:g} min: training took {meta['wall_seconds']} s (last phase: {meta['steps']} steps "
+              f"at {b.get('seconds_per_step', '?')} s each); export and measurement {meta.get('export_seconds', 0)} s")
     print(f"exported to {meta['exported_to']}")
     return 0
 

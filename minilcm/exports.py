@@ -59,8 +59,9 @@ def save_diffusers(model, folder: Path) -> None:
     strip_machine_paths(folder)  # no absolute path of this machine in a config that may be committed
 
 
-def provenance(seconds: float, device) -> dict:
-    """Where and how a checkpoint was made: git commit, hardware, versions, wall time, profile."""
+def git_state() -> dict:
+    """The commit the code runs from, and whether tracked files differ from it. Read it when a run starts: the
+    working tree may move on while it trains. Where the tree has no .git (a GPU run), $MINILCM_GIT_COMMIT."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or None
@@ -70,7 +71,13 @@ def provenance(seconds: float, device) -> dict:
         commit, dirty = None, None
     if commit is None and os.environ.get("MINILCM_GIT_COMMIT"):  # a copy of the tree without .git (a GPU run)
         commit, dirty = os.environ["MINILCM_GIT_COMMIT"], os.environ.get("MINILCM_GIT_DIRTY") == "1"
-    return {"git_commit": commit, "git_dirty": dirty, "hardware": hardware(device), "torch": torch.__version__,
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def provenance(seconds: float, device, git: dict | None = None) -> dict:
+    """Where and how a checkpoint was made: git commit (``git``: ``git_state()`` read when training started; by
+    default read now), hardware, versions, wall time, profile."""
+    return {**(git or git_state()), "hardware": hardware(device), "torch": torch.__version__,
             "profile": current(),
             "wall_seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d")}
 

@@ -22,6 +22,7 @@ from .preconditioning import EDMPrecond
 from .profiles import SIZES, sizes
 from .schedules import Schedule
 from .sde import heun_step
+from .budget import run_tag
 from .train import TrainConfig, train
 from .zoo import load_model_folder
 
@@ -58,7 +59,7 @@ def cifar_teacher(recipe: CifarTeacherRecipe | None = None, *, use_shipped: bool
     if use_shipped and TEACHER_NAME in available():
         return _load_shipped(TEACHER_NAME, device)
     recipe = recipe or CifarTeacherRecipe(**sizes("cifar_teacher"))
-    ckpt_dir = ckpt_dir or f"runs/cifar-ddpm-{recipe.size}-{recipe.steps}"  # resumes only the same recipe
+    ckpt_dir = ckpt_dir or f"runs/cifar-ddpm-{recipe.size}-{recipe.steps}{run_tag(recipe.minutes)}"  # the same recipe
     model = cifar_unet(recipe.size, num_classes=recipe.num_classes)
     if recipe.precond == "edm":
         model = EDMPrecond(model, Schedule(recipe.schedule), recipe.sigma_data)
@@ -124,7 +125,7 @@ def cifar_cd_student(recipe: CifarCDRecipe | None = None, *, teacher=None, use_s
     if teacher is None:
         teacher, t_info = cifar_teacher(device=device, progress=progress)
         tag = "shipped" if t_info["source"] == "shipped" else f"{t_info['size']}-{t_info['steps']}"
-        ckpt_dir = ckpt_dir or f"runs/cifar-cd-{tag}-{recipe.steps}"
+        ckpt_dir = ckpt_dir or f"runs/cifar-cd-{tag}-{recipe.steps}{run_tag(recipe.minutes)}"
     student = ConsistencyModel(copy.deepcopy(teacher).requires_grad_(True), schedule, CMScalings(recipe.sigma_data))
     loss = ConsistencyDistillation(
         teacher, student, N=recipe.N, mu=recipe.mu, solver={"heun": heun_step, "ddim": ddim_solver}[recipe.solver],

@@ -37,7 +37,7 @@ from .datasets import cifar10
 from .errors import InputError
 from .evaluator import (EVALUATOR_NAME, REFERENCE_STATS, ClassifierLoss, EvaluatorNet, accuracy, feature_stats,
                         features)
-from .exports import (Trained, budget_record, export_target, provenance, sample_metrics, tail_mean,
+from .exports import (Trained, budget_record, export_target, git_state, provenance, sample_metrics, tail_mean,
                       teacher_record)
 from .latent_stages import (build_autoencoder, build_lcm, build_minisd, export_autoencoder, export_lcm,
                             export_minisd, measure_autoencoder)
@@ -87,10 +87,11 @@ def run_stage(stage: Stage, out: str | Path | None = None, device: str = "cpu", 
         if not (isinstance(v, int) and v >= 1):
             raise InputError(f"{k} must be a positive integer, got {v!r}")
     out = export_target(out, stage.checkpoint, replace_shipped)
+    git = git_state()  # the code that trains, before the tree can move on
     t = stage.build(out, device, progress, {**s, **overrides, **({"minutes": minutes} if minutes else {})}, **kw)
     recorded = {**overrides, **({"minutes": minutes} if minutes else {})}
     meta = {"stage": stage.name, **t.meta, "steps": t.steps, "images_seen": t.steps * t.batch_size,
-            **({"overrides": recorded} if recorded else {}), **provenance(t.seconds, device)}
+            **({"overrides": recorded} if recorded else {}), **provenance(t.seconds, device, git)}
     target = out / stage.sub if stage.sub else out
     t_export = time.perf_counter()
     with staged_folder(target) as tmp:  # weights, metrics and meta.json: one unit

@@ -139,8 +139,9 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
     if log is not None:
         log.t_last = t0
     stop = StopRequest(sync=accelerator if run.world > 1 else None)
-    fit = StepBudget(cfg, run.saved_budget, t0) if cfg.minutes else None
-    bar = tqdm(initial=start, total=None if fit and fit.info is None else cfg.steps, desc=cfg.desc,
+    fit = StepBudget(cfg, run.saved_budget, t0, start, run.world) if cfg.minutes else None
+    run.budget = fit.info if fit is not None else None  # saved with every checkpoint, a finished run's included
+    bar = tqdm(initial=start, total=None if fit and not fit.fixed else cfg.steps, desc=cfg.desc,
                disable=not (cfg.progress and run.main), leave=False, mininterval=2.0)  # few redraws: notebooks stay small
     step = start
     try:
@@ -155,13 +156,13 @@ def train(model: nn.Module, loss_fn, data, cfg: TrainConfig, *, ema: nn.Module |
             step = done = step + 1
             over = fit is not None and fit.after_step(done, start)
             if fit is not None:
-                run.budget, bar.total = fit.info, (cfg.steps if fit.info else None)
+                bar.total = cfg.steps if fit.fixed else None
             if over:
                 cfg.steps = done  # the overrun guard: this step is the last (fit.info says so)
             signum, due = stop.poll(run.ckpt is not None and _minutes_due(cfg, t_saved))
             if signum is not None:
                 run.save(done)  # every completed step is kept (a second signal now stops at once; the write is atomic)
-                raise TrainingInterrupted(done, cfg.steps, signum, saved_to=run.ckpt)
+                raise TrainingInterrupted(done, fit.total() if fit else cfg.steps, signum, saved_to=run.ckpt)
             if done < cfg.steps and (due or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
                 run.save(done)
                 t_saved = time.perf_counter()

@@ -37,17 +37,24 @@ case "${1:-}" in
     DIFFUSERS=$(.venv/bin/python -c "import diffusers; print(diffusers.__version__)")
     specs=("diffusers==$DIFFUSERS")
     for pair in $WHEELS; do [[ ${pair##*:} == diffusers ]] || specs+=("${pair##*:}"); done
-    # the device's Python: 3.11 on x86_64 Linux, as here; pure-Python wheels need no platform
+    # diffusers is pure Python: the same wheel installs on the device's Python (3.12 there, 3.11 here)
     .venv/bin/pip download -q --no-deps --dest "$G/wheels" --only-binary=:all: "${specs[@]}"
     cifar=${MINILCM_CIFAR:-../shared/data/cifar10-jpeg.tar.gz}
     cp "$cifar" "$G/cifar10-jpeg.tar.gz"
     git rev-parse HEAD > "$G/commit"
-    if git status --porcelain --untracked-files=no | grep -q .; then echo 1 > "$G/dirty"; else echo 0 > "$G/dirty"; fi
-    tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-    untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
-    carried=$(du -sb "$G" | cut -f1)
-    total=$(( tree + ${untracked:-0} + carried ))
-    echo "travels: tree $((tree / 1048576)) MiB + untracked $(( ${untracked:-0} / 1048576 )) MiB + $G $((carried / 1048576)) MiB = $((total / 1048576)) MiB (limit 64)"
+    if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then echo 1 > "$G/dirty"; else echo 0 > "$G/dirty"; fi
+    # what the device run carries: tracked and untracked-not-ignored files that exist, and .gpu/
+    read -r tree untracked carried < <(.venv/bin/python - "$G" <<'PY'
+import os, subprocess, sys
+def size(args):
+    names = subprocess.run(["git", *args, "-z"], capture_output=True, text=True, check=True).stdout.split("\0")
+    return sum(os.path.getsize(n) for n in names if n and os.path.isfile(n))
+g = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sys.argv[1]) for f in fs)
+print(size(["ls-files"]), size(["ls-files", "--others", "--exclude-standard"]), g)
+PY
+)
+    total=$(( tree + untracked + carried ))
+    echo "travels: tree $((tree / 1048576)) MiB + untracked $((untracked / 1048576)) MiB + $G $((carried / 1048576)) MiB = $((total / 1048576)) MiB (limit 64)"
     ls -la "$G/wheels"
     (( total <= 64 * 1048576 )) || { echo "over the 64 MiB a device run carries" >&2; exit 1; }
     ;;
@@ -57,7 +64,9 @@ case "${1:-}" in
       : "${OUT:?set OUT to the folder that comes back}"
       out=$OUT; target="$PWD/$G/site"; args=()
     else
-      out=${2:-runs/gpu-dry-run/out}; target="$PWD/runs/gpu-dry-run/site"; args=(--dry-run --work runs/gpu-dry-run)
+      work=${GPU_RUN_WORK:-runs/gpu-dry-run}
+      [[ $work == /* ]] || work="$PWD/$work"
+      out=${2:-$work/out}; target="$work/site"; args=(--dry-run --work "$work")
       PY=${PYTHON:-.venv/bin/python}; FORCE_INSTALL=1
     fi
     test -d "$G/wheels" || { echo "no $G/wheels: run 'bash scripts/gpu_run.sh prepare' first" >&2; exit 2; }

@@ -59,9 +59,9 @@ def test_a_budgeted_run_fits_its_steps_and_completes_its_schedule():
     cfg, res = _run(0.03, lambda i: 0.02)  # 1.8 s at about 0.02 s a step: about 80 steps
     b = res.budget
     assert b["minutes"] == 0.03 and res.step == cfg.steps == b["steps"] == b["steps_reached"]
-    assert 0.02 <= b["seconds_per_step"] < 0.04, b  # the sleep, plus a small MLP's step
-    assert 40 <= res.step <= 90, b
-    assert abs(res.seconds - 1.8) < 0.5, (res.seconds, b)
+    assert 0.02 <= b["seconds_per_step"] < 0.08, b  # the sleep, plus a small MLP's step (a loaded machine: more)
+    assert 15 <= res.step <= 90, b
+    assert abs(res.seconds - 1.8) < 1.0, (res.seconds, b)
     assert not b["stopped_early"]
     # the schedule was rescaled to the count: warm-up keeps its tenth, the cosine ends at the last step
     assert cfg.warmup_steps == b["warmup_steps"] == rescaled_warmup(50, 500, res.step)
@@ -82,25 +82,64 @@ def test_a_resumed_budgeted_run_keeps_the_count_it_fixed(tmp_path):
         pass
 
     def delay(i):
-        if i == 30:
+        if i == 15:  # the count is fixed after 10 steps, checkpointed at 15, then the run dies
             raise Stop
         return 0.02
     with pytest.raises(Stop):
-        _run(0.03, delay, ckpt=half, ckpt_every=20)
+        _run(0.03, delay, ckpt=half, ckpt_every=5)
     first = json.loads((half / "config.json").read_text())
-    assert first["step"] == 20 and "budget" in first
-    cfg2, res2 = _run(0.03, lambda i: 0.04, ckpt=half, ckpt_every=20)  # 2x slower now: it must not re-time
-    assert res2.resumed_from == 20 and res2.step == cfg2.steps == first["budget"]["steps"]
+    assert first["step"] == 15 and first["budget"]["fixed"]
+    cfg2, res2 = _run(0.03, lambda i: 0.04, ckpt=half, ckpt_every=5)  # 2x slower now: it must not re-time
+    assert res2.resumed_from == 15 and res2.step == cfg2.steps == first["budget"]["steps"]
+    assert res2.budget["seconds_per_step"] == first["budget"]["seconds_per_step"]
+
+
+def test_a_finished_budgeted_run_reruns_as_finished(tmp_path):
+    """Rerunning the same command on a finished run trains nothing more and keeps its budget record."""
+    cfg, res = _run(0.02, lambda i: 0.02, ckpt=tmp_path)
+    cfg2, res2 = _run(0.02, lambda i: 0.02, ckpt=tmp_path)
+    assert res2.resumed_from == res.step == res2.step == cfg2.steps and res2.budget == res.budget
+    assert json.loads((tmp_path / "config.json").read_text())["budget"] == res.budget
+
+
+def test_interrupted_before_the_count_is_fixed_it_times_again_within_the_same_budget(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def delay(i):
+        if i == 5:
+            raise Stop
+        return 0.02
+    with pytest.raises(Stop):
+        _run(0.03, delay, ckpt=tmp_path, ckpt_every=5)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["step"] == 5 and saved["budget"]["fixed"] is False and saved["budget"]["planned_steps"] == 500
+    cfg, res = _run(0.03, lambda i: 0.02, ckpt=tmp_path)
+    assert res.resumed_from == 5 and res.budget["fixed"] and res.budget["planned_steps"] == 500
+    assert res.budget["timed_at_step"] == 5 + budget.WARM + budget.TIMED
+
+
+def test_a_checkpoint_of_a_step_counted_run_is_not_resumed_with_a_budget(tmp_path):
+    from minilcm.checkpoints import CheckpointError
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=5, batch_size=8, progress=False, ckpt_dir=str(tmp_path))
+    train(MLPDenoiser(hidden=16, depth=1, num_classes=8), DenoisingLoss(Schedule()), GaussianMixture(), cfg)
+    with pytest.raises(CheckpointError, match="not trained with minutes"):
+        _run(0.02, lambda i: 0.0, ckpt=tmp_path)
 
 
 def test_the_overrun_guard_stops_a_run_that_slows_down(monkeypatch, tmp_path):
     monkeypatch.setattr(budget, "GRACE_S", 0.2)
     # fast while timed (0.005 s), then 0.1 s a step: the count fixed for 1.2 s would take far longer
-    cfg, res = _run(0.02, lambda i: 0.005 if i < budget.WARM + budget.TIMED else 0.1, ckpt=tmp_path)
+    slow = lambda i: 0.005 if i < budget.WARM + budget.TIMED else 0.1  # noqa: E731
+    cfg, res = _run(0.02, slow, ckpt=tmp_path)
     b = res.budget
     assert b["stopped_early"] and res.step == b["steps_reached"] == cfg.steps < b["steps"]
-    assert res.seconds < 1.2 * budget.OVERRUN + 0.2 + 0.3, res.seconds
+    assert res.seconds < 1.2 * budget.OVERRUN + 0.2 + 1.0, res.seconds
     assert json.loads((tmp_path / "config.json").read_text())["step"] == res.step  # saved where it stopped
+    cfg2, res2 = _run(0.02, slow, ckpt=tmp_path)  # the same command again: it is finished where it stopped
+    assert res2.step == res.step == res2.resumed_from
 
 
 def test_minutes_zero_and_minutes_with_steps_are_refused():
@@ -127,4 +166,4 @@ def test_a_stage_trains_to_its_budget_and_records_it(tmp_path, cifar_archive):
     assert meta["steps"] == b["steps"] == b["steps_reached"] and meta["steps"] > budget.WARM + budget.TIMED
     assert meta["images_seen"] == meta["steps"] * meta["recipe"]["batch_size"]
     assert 6 <= meta["wall_seconds"] <= 12 * budget.OVERRUN + budget.GRACE_S, meta["wall_seconds"]
-    assert meta["export_seconds"] > 0 and "budget 0.2 min" in r.stdout
+    assert meta["export_seconds"] > 0 and "budget 0.2 min: training took" in r.stdout

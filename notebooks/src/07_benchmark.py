@@ -260,10 +260,10 @@ plt.show()
 # the fixed cost?
 
 # %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
-# *Answer.* In the network rows. In the committed cpu run the fit below gives about 1.6 ms fixed and 3.2 ms per
-# row: LCM-4's four rows are about 13 ms of its 15, the fixed part about a tenth. For the teacher's 50 rows the fixed
-# part is negligible, so it costs the student relatively more: the measured speed-up, 10.5×, lands under the
-# network-only 12.5×.
+# *Answer.* In the network rows. In the committed cpu run the fit below gives about 4.4 ms fixed and 3.0 ms per
+# row: LCM-4's four rows are about 12 ms of its 14 measured, the fixed part under a third. For the teacher's 50 rows
+# the fixed part is negligible, so it costs the student relatively more: the measured speed-up, 10.2×, lands under
+# the network-only 12.5×.
 
 # %%
 rows = [r for r in res["rows"] if r["model"] in ("mini-SD teacher", "LCM student")]
@@ -334,7 +334,7 @@ lcm_playground(sd, student)
 #   and every step costs two network rows per image because of CFG.
 # * The **LCM student** reaches near-25-step quality in 2-4 steps with one row per image, because it learned the
 #   *end point* of the guided (augmented) PF-ODE, with $w$ given as an input.
-# * The measured speed-up (10.5x in the committed run) is less than the network-only 12.5x: decoding and text
+# * The measured speed-up (10.2x in the committed run) is less than the network-only 12.5x: decoding and text
 #   encoding cost the same for every sampler. "At least 5x" is the talk's claim, and the course's target; it holds
 #   with room to spare here.
 # * `minilcm bench` reproduces this table (`--n`, `--w`, `--out`); `minilcm sample` draws images from any of the

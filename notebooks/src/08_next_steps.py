@@ -63,8 +63,9 @@ assert SIZES["lcm"]["gpu"]["steps"] > SIZES["lcm"]["cpu"]["steps"]
 # end, and their step counts add up to hours on one GPU. `--minutes M` trains any stage to a wall-clock budget
 # instead (it times the first steps and fits the step count and the learning-rate schedule to M), and
 # `bash scripts/gpu_run.sh` is the one-command GPU run: the Chapter 5 teacher and student, then the pixel teacher and
-# its CD student, 8 minutes of training in all, then the benchmark (`bash scripts/gpu_run.sh dry-run` runs the same
-# path on a CPU in a few minutes). What the gpu profile is for, in this course's own measurements:
+# its CD student, 4 minutes of training in all, then the benchmarks, within one 10-minute command
+# (`bash scripts/gpu_run.sh dry-run` runs the same path on a CPU in a few minutes). What the gpu profile is for, in
+# this course's own measurements:
 #
 # * **Chapter 5's $w$ knob.** The shipped student's class accuracy moves by 20 points from $w$ = 0 to 3 where the
 #   teacher's moves by 50; the 2-D experiment of Chapter 5 says a longer distillation closes that gap.
