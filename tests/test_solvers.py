@@ -249,6 +249,29 @@ def test_solver_benchmark_on_the_oracle():
     assert plain[0].dist_data is None and plain[0].image_metric is None  # no data, no metric: no numbers
 
 
+def test_the_benchmark_runs_dpm_solver_fast_on_its_own_grid():
+    """FAST_SOLVER in solver_benchmark: exactly the budget, the same samples as a direct call on the paper's grid
+    (uniform in lambda, whatever the benchmark's spacing), and closer than the fixed order 3 at the same budget."""
+    from minilcm.solver_bench import DEFAULT_SOLVERS, FAST_SOLVER
+    from minilcm.solvers import dpm_solver_fast, dpm_solver_fast_timesteps
+
+    s, gm = Schedule("linear"), GaussianMixture()
+    model = OracleEps(gm, s)
+    x = torch.randn(400, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = reference_solution(model, s, x, nfe=300, denoise_to_zero=False, t_min=50.0)
+    rows = solver_benchmark(model, s, x, [5, 6], {**DEFAULT_SOLVERS, **FAST_SOLVER}, reference=ref,
+                            spacing="linspace", denoise_to_zero=False, t_min=50.0, keep_samples=True)
+    fast = {r.nfe: r for r in rows if r.solver == "DPM-Solver-fast"}
+    assert sorted(fast) == [5, 6]  # exactly the budget
+    ts, orders = dpm_solver_fast_timesteps(s, 6, t_end=50.0)
+    assert orders == [3, 2, 1] and torch.equal(fast[6].x, dpm_solver_fast(model, x, s, ts, orders=orders).x)
+    err = {(r.solver, budget): r.err_ref for r, budget in zip(rows, [5, 6] * 5)}  # (label, budget) in run order
+    # measured on seeds 0-2: at budget 5, fast (orders 3, 2) 2.13 against one order-3 step (3 NFE) 5.5; at 6 NFE
+    # (3, 2, 1) 0.375-0.379 against two order-3 steps 0.505-0.521
+    assert err["DPM-Solver-fast", 5] < 0.5 * err["DPM-Solver-3", 5], err
+    assert err["DPM-Solver-fast", 6] < 0.85 * err["DPM-Solver-3", 6], err
+
+
 def test_convergence_order_fits_a_power_law():
     rows = [BenchRow("x", n, 3.0 * n ** -2.5) for n in (4, 8, 16, 32)]
     assert math.isclose(convergence_order(rows, "x"), 2.5, rel_tol=1e-9)
