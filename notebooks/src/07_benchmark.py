@@ -260,9 +260,9 @@ plt.show()
 # the fixed cost?
 
 # %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
-# *Answer.* In the network rows. In the committed cpu run the fit below gives about 4.4 ms fixed and 3.0 ms per
-# row: LCM-4's four rows are about 12 ms of its 14 measured, the fixed part under a third. For the teacher's 50 rows
-# the fixed part is negligible, so it costs the student relatively more: the measured speed-up, 10.2×, lands under
+# *Answer.* In the network rows. In the committed cpu run the fit below gives about 2.3 ms fixed and 2.2 ms per
+# row: LCM-4's four rows are about 9 ms of its 11.4 measured, the fixed part about a fifth. For the teacher's 50 rows
+# the fixed part is negligible, so it costs the student relatively more: the measured speed-up, 9.9×, lands under
 # the network-only 12.5×.
 
 # %%
