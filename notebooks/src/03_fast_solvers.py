@@ -472,7 +472,7 @@ print(table(img_rows))
 by = dict(zip(itertools.product(CIFAR_SOLVERS, CIFAR_NFES), img_rows))  # (solver, NFE budget) -> row, in run order
 fig, axes = plt.subplots(len(CIFAR_SOLVERS), len(CIFAR_NFES) + 1,
                          figsize=(2.1 * (len(CIFAR_NFES) + 1), 2.3 * len(CIFAR_SOLVERS)),
-                         dpi=60)  # a low resolution keeps this figure small on disk
+                         dpi=50)  # a low resolution keeps this figure (five solvers) small on disk
 for i, name in enumerate(CIFAR_SOLVERS):
     for j, budget in enumerate(CIFAR_NFES):
         r = by[name, budget]

@@ -624,8 +624,9 @@ assert speedup >= HEADLINE["lcm4_speedup_min"]
 # - **The CIFAR student, warm-started for $w$**: its class accuracy is 49%, 58% and 77% at $w$ = 0, 1 and 3 (500
 #   images each), where the teacher's is 32%, 57% and 83% (100 each). The knob turns by 28 points. Earlier students,
 #   distilled by the same 1,000 LCD steps, turned it by 5 with LCD alone (60%, 59%, 65%), and the longer the
-#   guidance-distillation warm start, the further it turns (on 1,000 images per $w$, `benchmarks/w_knob.py`: 300
-#   steps +19.6 points, 1,000 steps +28.3, this one's 3,000 steps +33.9; the teacher's +49.7). It still does
+#   guidance-distillation warm start, the further it turns (recorded runs of `benchmarks/w_knob.py` on 1,000 images
+#   per $w$, not this notebook's cells: 300 steps +19.6 points, 1,000 steps +28.3, this one's 3,000 steps +33.9; the
+#   teacher's +49.7; see the README's measured results). It still does
 #   not reach the teacher's range: at $w = 0$ the student is *more* class-faithful than the teacher, at $w = 3$ less
 #   — the $w$-averaged picture of the 2-D case, weakened. Longer distillation (the gpu profile) is the next thing to
 #   try; we have not run one.
