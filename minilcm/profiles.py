@@ -68,7 +68,7 @@ SIZES = {
         # w_lr_mult: the w projection (cond_proj) trains at this multiple of lr (a short run barely moves it at 1x)
         # guidance_steps: the guidance-distillation warm start before LCD (lcm.GuidanceDistillation; 0 = none)
         "fast": dict(steps=2, batch_size=4, lr=1e-4, n_train=64, w_lr_mult=10, guidance_steps=2),
-        "cpu": dict(steps=1000, batch_size=64, lr=1e-4, n_train=None, w_lr_mult=10, guidance_steps=3000),
+        "cpu": dict(steps=1000, batch_size=64, lr=1e-4, n_train=None, w_lr_mult=10, guidance_steps=6000),
         "gpu": dict(steps=20_000, batch_size=256, lr=5e-5, n_train=None, w_lr_mult=10, guidance_steps=2000)},
     # the pixel DDPM teacher of Chapters 1-4 and its consistency-distilled student (Chapter 4): recipes fields
     "ddpm": {
