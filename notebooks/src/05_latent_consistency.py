@@ -266,7 +266,8 @@ assert teacher_acc[3.0] > teacher_acc[0.0], "guidance should sharpen the classes
 # 10× the rest of the UNet's learning rate (`TrainConfig(lr_mult={"cond_proj": 10})`): the course's choice for a
 # 1,000-step CPU run, where the reference script uses one rate for every weight.
 #
-# **A warm start for $w$.** Before LCD, the shipped student also spent 3,000 steps on *guidance distillation*, the
+# **A warm start for $w$.** Before LCD, the student also spent 3,000 steps on *guidance distillation* (the shipped
+# one, trained after this notebook's committed run, 6,000), the
 # first stage of Meng et al. (2023): it regresses the guided teacher's $\hat x_0$ at every $t$,
 # $\lVert \hat x_0^\theta(x_t, t, c, w) - \hat x_0^{\,w}(x_t, t, c)\rVert^2$ (`lcm.GuidanceDistillation`). LCD alone
 # teaches $w$ slowly: its target at $t_{n+k}$ depends on $w$ only through the target network at $t_n$, so the
@@ -625,8 +626,8 @@ assert speedup >= HEADLINE["lcm4_speedup_min"]
 #   images each), where the teacher's is 32%, 57% and 83% (100 each). The knob turns by 28 points. Earlier students,
 #   distilled by the same 1,000 LCD steps, turned it by 5 with LCD alone (60%, 59%, 65%), and the longer the
 #   guidance-distillation warm start, the further it turns (recorded runs of `benchmarks/w_knob.py` on 1,000 images
-#   per $w$, not this notebook's cells: 300 steps +19.6 points, 1,000 steps +28.3, this one's 3,000 steps +33.9; the
-#   teacher's +49.7; see the README's measured results). It still does
+#   per $w$, not this notebook's cells: 300 steps +19.6 points, 1,000 steps +28.3, this run's 3,000 steps +33.9, the
+#   shipped student's 6,000 steps +37.2; the teacher's +49.7; see the README's measured results). It still does
 #   not reach the teacher's range: at $w = 0$ the student is *more* class-faithful than the teacher, at $w = 3$ less
 #   — the $w$-averaged picture of the 2-D case, weakened. Longer distillation (the gpu profile) is the next thing to
 #   try; we have not run one.
