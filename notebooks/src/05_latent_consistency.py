@@ -266,8 +266,7 @@ assert teacher_acc[3.0] > teacher_acc[0.0], "guidance should sharpen the classes
 # 10× the rest of the UNet's learning rate (`TrainConfig(lr_mult={"cond_proj": 10})`): the course's choice for a
 # 1,000-step CPU run, where the reference script uses one rate for every weight.
 #
-# **A warm start for $w$.** Before LCD, the student also spent 3,000 steps on *guidance distillation* (the shipped
-# one, trained after this notebook's committed run, 6,000), the
+# **A warm start for $w$.** Before LCD, the student also spent 6,000 steps on *guidance distillation*, the
 # first stage of Meng et al. (2023): it regresses the guided teacher's $\hat x_0$ at every $t$,
 # $\lVert \hat x_0^\theta(x_t, t, c, w) - \hat x_0^{\,w}(x_t, t, c)\rVert^2$ (`lcm.GuidanceDistillation`). LCD alone
 # teaches $w$ slowly: its target at $t_{n+k}$ depends on $w$ only through the target network at $t_n$, so the
@@ -622,23 +621,23 @@ assert speedup >= HEADLINE["lcm4_speedup_min"]
 #   mixture, with an exact teacher, $k = 20$ distilled in 1,000 steps what $k = 1$ did not begin to (misassigned mass
 #   0.032 against 0.727 at $w = 0$), and the student's classes sharpen with $w$ (0.032 → 0.0028) though not as far as
 #   the teacher's (0.105 → 0.0003): it learned the $w$-averaged ODE first.
-# - **The CIFAR student, warm-started for $w$**: its class accuracy is 49%, 58% and 77% at $w$ = 0, 1 and 3 (500
-#   images each), where the teacher's is 32%, 57% and 83% (100 each). The knob turns by 28 points. Earlier students,
+# - **The CIFAR student, warm-started for $w$**: its class accuracy is 47%, 60% and 78% at $w$ = 0, 1 and 3 (500
+#   images each), where the teacher's is 32%, 57% and 83% (100 each). The knob turns by 31 points. Earlier students,
 #   distilled by the same 1,000 LCD steps, turned it by 5 with LCD alone (60%, 59%, 65%), and the longer the
 #   guidance-distillation warm start, the further it turns (recorded runs of `benchmarks/w_knob.py` on 1,000 images
-#   per $w$, not this notebook's cells: 300 steps +19.6 points, 1,000 steps +28.3, this run's 3,000 steps +33.9, the
-#   shipped student's 6,000 steps +37.2; the teacher's +49.7; see the README's measured results). It still does
+#   per $w$, not this notebook's cells: 300 steps +19.6 points, 1,000 steps +28.3, 3,000 steps +33.9, the shipped
+#   student's 6,000 steps +37.2; the teacher's +49.7; see the README's measured results). It still does
 #   not reach the teacher's range: at $w = 0$ the student is *more* class-faithful than the teacher, at $w = 3$ less
 #   — the $w$-averaged picture of the 2-D case, weakened. Longer distillation (the gpu profile) is the next thing to
 #   try; we have not run one.
 # - **The headline, measured here:** in the committed run (cpu profile, 500 images per row, a 2-core CPU) LCM@4
-#   scored FD-clf 104.4 against the teacher's DPM-Solver++@25 109.2 (ratio 0.96, target ≤ 1.15) and was 9.8×
-#   faster; LCM@2 had ratio 0.92 (target ≤ 1.3); the teacher's own 4-step DDIM scored 180.9. The timings are noisy
-#   on this machine: in the same run the teacher's DDIM@25 took 97.8 ms per image and its DPM-Solver++@25 98.1 ms, at
-#   the same NFE. The cells assert the part that must hold at any sample size: LCM@4 beats DDIM@4, and is at least 5×
-#   faster than DPM-Solver++@25.
+#   scored FD-clf 106.7 against the teacher's DPM-Solver++@25 109.2 (ratio 0.98, target ≤ 1.15) and was 10.2×
+#   faster; LCM@2 had ratio 0.91 (target ≤ 1.3) and LCM@1 1.13; the teacher's own 4-step DDIM scored 180.9. The
+#   timings are noisy on this machine: in the same run the teacher's DDIM@25 took 114.4 ms per image and its
+#   DPM-Solver++@25 116.4 ms, at the same NFE. The cells assert the part that must hold at any sample size: LCM@4
+#   beats DDIM@4, and is at least 5× faster than DPM-Solver++@25.
 # - **More steps are not always better for a consistency student**: LCM at 4 steps scored a worse FD-clf than at 2
-#   (104.4 against 100.3) with a higher class accuracy (60% against 57%). Each step re-noises the previous estimate
+#   (106.7 against 99.8) with a higher class accuracy (60% against 58%). Each step re-noises the previous estimate
 #   and asks the student again, at a lower noise level, so its errors there enter the sample; we have not separated
 #   the causes.
 #
