@@ -36,7 +36,7 @@
 # The work is sized by `MINILCM_PROFILE`: `fast` (CI: a few dozen images, seconds of sampling), `cpu` (1,000
 # images per row, a few tens of minutes on a laptop), `gpu` (10,000).
 #
-# **Time:** about 15 minutes to read, 15 more for the two exercises; about 25 minutes to run in the cpu profile
+# **Time:** about 15 minutes to read, 15 more for the two exercises; about 20 minutes to run in the cpu profile
 # (measured on a 2-core CPU; the fast profile takes a few minutes). **Needs:** Chapters 4–5 (the students and the
 # samplers being compared). Symbols: [the notation sheet](../docs/notation.md).
 
@@ -247,8 +247,8 @@ plt.show()
 #   mini-SD's. Its speed-ups are against its own teacher's DPM-Solver++ at 25 steps. The CD student samples
 #   unconditionally (it was distilled from the null-class model) while the teacher rows are class-conditional and
 #   guided, which favours the teacher on FD-clf: in the committed run its FD-clf is 1.34× (1 step) and 1.32×
-#   (2 steps) its teacher's DPM-Solver++ 25 (169.5 and 166.8 against 126.6). Per image, the pixel UNet is slower than the latent one: it works
-#   on 32x32 positions, the latent UNet on 8x8.
+#   (2 steps) its teacher's DPM-Solver++ 25 (169.5 and 166.8 against 126.6). Per image, the pixel UNet is slower
+#   than the latent one: it works on 32x32 positions, the latent UNet on 8x8.
 
 # %% [markdown]
 # ## 5. The headline, checked
@@ -260,9 +260,9 @@ plt.show()
 # the fixed cost?
 
 # %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
-# *Answer.* In the network rows. In the committed cpu run the fit below gives about 2.3 ms fixed and 2.2 ms per
-# row: LCM-4's four rows are about 9 ms of its 11.4 measured, the fixed part about a fifth. For the teacher's 50 rows
-# the fixed part is negligible, so it costs the student relatively more: the measured speed-up, 9.9×, lands under
+# *Answer.* In the network rows. In the committed cpu run the fit below gives about 3.0 ms fixed and 2.5 ms per
+# row: LCM-4's four rows are about 10 ms of its 12.6 measured, the fixed part about a quarter. For the teacher's 50
+# rows the fixed part is negligible, so it costs the student relatively more: the measured speed-up, 10.3×, lands under
 # the network-only 12.5×.
 
 # %%
@@ -334,7 +334,7 @@ lcm_playground(sd, student)
 #   and every step costs two network rows per image because of CFG.
 # * The **LCM student** reaches near-25-step quality in 2-4 steps with one row per image, because it learned the
 #   *end point* of the guided (augmented) PF-ODE, with $w$ given as an input.
-# * The measured speed-up (10.2x in the committed run) is less than the network-only 12.5x: decoding and text
+# * The measured speed-up (10.3x in the committed run) is less than the network-only 12.5x: decoding and text
 #   encoding cost the same for every sampler. "At least 5x" is the talk's claim, and the course's target; it holds
 #   with room to spare here.
 # * `minilcm bench` reproduces this table (`--n`, `--w`, `--out`); `minilcm sample` draws images from any of the
